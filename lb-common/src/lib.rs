@@ -1,0 +1,365 @@
+//! Types and constants shared by the XDP data plane (`lb-ebpf`) and the userspace agent
+//! (`lb-userspace`).
+//!
+//! Everything that crosses the kernel/userspace boundary lives here, so both sides agree on
+//! layout (`#[repr(C)]`, explicit padding) and on map and program names. The `user` feature adds
+//! `aya::Pod` impls and address helpers for the userspace side.
+//!
+//! Conventions:
+//! - Addresses are 16 bytes; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so one key type
+//!   serves both families and the two can never collide.
+//! - Ports are stored in network byte order, exactly as they appear in the packet, so the data
+//!   path never swaps bytes. Use [`port_to_key`]/[`port_from_key`] in userspace.
+#![cfg_attr(target_arch = "bpf", no_std)]
+
+/// Size of one Maglev lookup table (a prime, as Maglev requires; Katran uses the same).
+pub const RING_SIZE: u32 = 65537;
+/// Number of Maglev tables in [`MAP_RINGS`]. Each VIP address (its backend pool) owns two:
+/// userspace fills the idle one, then flips [`VipMeta::ring`], so the data path never sees a
+/// half-written table.
+pub const MAX_RINGS: u32 = 64;
+/// VIP entries (address, port, protocol) in [`MAP_VIPS`]; also the size of [`MAP_VIP_STATS`].
+pub const MAX_VIPS: u32 = 512;
+/// Back-end slots in [`MAP_BACKENDS`]. Slot 0 is never used: a ring entry of 0 means "empty".
+pub const MAX_BACKENDS: u32 = 4096;
+/// Default number of tracked flows in [`MAP_CONNTRACK`] (userspace may override at load time).
+pub const CONNTRACK_DEFAULT_SIZE: u32 = 262_144;
+
+/// Hash map [`VipKey`] → [`VipMeta`]: which (address, port, protocol) the data path balances.
+/// An entry with port 0 marks the address itself as a VIP (used to drop fragments sent to it).
+pub const MAP_VIPS: &str = "MXLB_VIPS";
+/// Array `u32` id → [`Backend`].
+pub const MAP_BACKENDS: &str = "MXLB_BACKENDS";
+/// Array of `MAX_RINGS * RING_SIZE` back-end ids: ring `r` occupies `[r*RING_SIZE, (r+1)*RING_SIZE)`.
+pub const MAP_RINGS: &str = "MXLB_RINGS";
+/// LRU hash [`FlowKey`] → [`FlowState`]: connection tracking, so established flows keep their
+/// back-end when weights or membership change.
+pub const MAP_CONNTRACK: &str = "MXLB_CONNTRACK";
+/// Per-CPU array indexed by [`VipMeta::id`] → [`Counters`].
+pub const MAP_VIP_STATS: &str = "MXLB_VIP_STATS";
+/// Per-CPU array indexed by back-end id → [`Counters`].
+pub const MAP_BACKEND_STATS: &str = "MXLB_BE_STATS";
+/// Per-CPU array indexed by [`Reason`] → [`Counters`]: why packets were passed, dropped or sent.
+pub const MAP_REASON_STATS: &str = "MXLB_REASONS";
+/// Array with one [`LbConfig`] (index 0): node-wide settings such as the IPIP outer source.
+pub const MAP_CONFIG: &str = "MXLB_CONFIG";
+
+/// The load balancer XDP program (attached to the LB node's interfaces).
+pub const PROG_BALANCER: &str = "mxlb_balancer";
+/// The IPIP/IP6IP6 decapsulation XDP program (attached on back-ends by `mxlb decap attach`).
+pub const PROG_DECAP: &str = "mxlb_decap";
+/// A trivial XDP_PASS program: the benchmark baseline, and what the lab attaches to the peer of
+/// a veth that uses XDP_TX (veth drops XDP_TX frames unless its peer runs native XDP).
+pub const PROG_PASS: &str = "mxlb_pass";
+
+/// Forwarding mode of a VIP ([`VipMeta::mode`]).
+pub mod mode {
+    /// Rewrite MACs (destination = back-end, source = LB) and XDP_TX. Back-ends hold the VIP on
+    /// loopback and answer the client directly.
+    pub const DSR_L2: u8 = 1;
+    /// Prepend an outer IPv4/IPv6 header addressed to the back-end (IPIP / IP6IP6 / 4in6 / 6in4),
+    /// next hop from `bpf_fib_lookup`. Back-ends strip it with `mxlb decap`.
+    pub const DSR_IPIP: u8 = 2;
+    /// XDP_PASS: the VIP is served by a process on this node (the relay, the proxies).
+    pub const LOCAL: u8 = 3;
+}
+
+/// Back-end states ([`Backend::state`]).
+pub mod state {
+    /// Slot unused.
+    pub const UNUSED: u8 = 0;
+    /// Takes new and established flows.
+    pub const UP: u8 = 1;
+    /// Keeps its established flows, receives no new ones (it is absent from the rings).
+    pub const DRAINING: u8 = 2;
+    /// Receives nothing; conntrack entries pointing at it are replaced on the next packet.
+    pub const DOWN: u8 = 3;
+}
+
+/// Key of [`MAP_VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// VIP address (IPv4-mapped for IPv4).
+    pub addr: [u8; 16],
+    /// Destination port, network byte order; 0 = the address-level marker entry.
+    pub port: u16,
+    /// IP protocol number (6 = TCP).
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`MAP_VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into [`MAP_VIP_STATS`]; stable for the VIP's lifetime.
+    pub id: u32,
+    /// Which Maglev ring (0..MAX_RINGS) the data path uses now.
+    pub ring: u32,
+    /// One of [`mode`].
+    pub mode: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`MAP_BACKENDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Back-end address (IPv4-mapped for IPv4); the IPIP outer destination.
+    pub addr: [u8; 16],
+    /// dsr-l2: the back-end's MAC. dsr-ipip: next-hop MAC used when `bpf_fib_lookup` has no
+    /// neighbour entry (all zero = none).
+    pub mac: [u8; 6],
+    /// One of [`state`].
+    pub state: u8,
+    pub _pad: u8,
+}
+
+/// Key of [`MAP_CONNTRACK`]: the client → VIP direction of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`MAP_CONNTRACK`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowState {
+    /// Back-end id the flow is pinned to.
+    pub backend: u32,
+    /// [`VipMeta::id`] of the VIP the flow belongs to.
+    pub vip: u32,
+}
+
+/// Value of the per-CPU statistics maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows for which a back-end was newly selected (SYN, or first packet without conntrack).
+    pub new_flows: u64,
+}
+
+/// Value of [`MAP_CONFIG`] (single entry, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// IPv4 source of IPIP outer headers (network order bytes); all zero = IPv4 encap disabled.
+    pub src_v4: [u8; 4],
+    /// IPv6 source of IP6IP6 outer headers; all zero = IPv6 encap disabled.
+    pub src_v6: [u8; 16],
+}
+
+/// Why the data path did what it did: index into [`MAP_REASON_STATS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): XDP_PASS.
+    PassNonIp = 0,
+    /// IP but not TCP to a configured VIP:port (other hosts, other ports, UDP, ...): XDP_PASS.
+    PassNonVip = 1,
+    /// Truncated or malformed headers: XDP_PASS untouched, the kernel discards it.
+    PassMalformed = 2,
+    /// VIP in `local` mode: XDP_PASS to a service on this node.
+    PassLocal = 3,
+    /// IP fragment sent to a VIP address: dropped (no L4 header to hash on; TCP sets DF).
+    DropFragment = 4,
+    /// VIP has no back-end able to take the flow (empty ring): dropped.
+    DropNoBackend = 5,
+    /// dsr-ipip: no next hop (no route and no fallback MAC): dropped.
+    DropNoRoute = 6,
+    /// dsr-ipip: the packet could not be grown for the outer header (or no outer source set).
+    DropEncap = 7,
+    /// Forwarded to a back-end.
+    Forwarded = 8,
+    /// ICMP error about a VIP flow, forwarded to that flow's back-end.
+    IcmpForwarded = 9,
+    /// IPv6 with extension headers before TCP to a VIP address: XDP_PASS untouched.
+    PassIpv6Ext = 10,
+    /// Decap program: outer header removed.
+    Decapsulated = 11,
+}
+
+/// Number of slots in [`MAP_REASON_STATS`] (room for reasons added later).
+pub const REASON_SLOTS: u32 = 32;
+
+impl Reason {
+    /// Every reason, in index order (for listings).
+    pub const ALL: [Reason; 12] = [
+        Reason::PassNonIp,
+        Reason::PassNonVip,
+        Reason::PassMalformed,
+        Reason::PassLocal,
+        Reason::DropFragment,
+        Reason::DropNoBackend,
+        Reason::DropNoRoute,
+        Reason::DropEncap,
+        Reason::Forwarded,
+        Reason::IcmpForwarded,
+        Reason::PassIpv6Ext,
+        Reason::Decapsulated,
+    ];
+
+    /// Stable snake_case name used by `mxlb stats` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNonIp => "pass_non_ip",
+            Reason::PassNonVip => "pass_non_vip",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::PassLocal => "pass_local",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropNoRoute => "drop_no_route",
+            Reason::DropEncap => "drop_encap",
+            Reason::Forwarded => "forwarded",
+            Reason::IcmpForwarded => "icmp_forwarded",
+            Reason::PassIpv6Ext => "pass_ipv6_ext",
+            Reason::Decapsulated => "decapsulated",
+        }
+    }
+}
+
+/// The flow hash that picks a Maglev slot: `flow_hash(key) % RING_SIZE`.
+///
+/// It has no seed and no per-node state on purpose: every LB node must map a flow to the same
+/// slot, so sessions survive a VRRP failover without conntrack sync. It is a murmur3-style mix
+/// over the key's ten 32-bit words (fixed loop, verifier-friendly), and it is shared with
+/// userspace so tests can predict the back-end of any flow.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    #[inline(always)]
+    fn word(b: &[u8; 16], i: usize) -> u32 {
+        u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+    }
+    let words = [
+        word(&key.src, 0),
+        word(&key.src, 4),
+        word(&key.src, 8),
+        word(&key.src, 12),
+        word(&key.dst, 0),
+        word(&key.dst, 4),
+        word(&key.dst, 8),
+        word(&key.dst, 12),
+        (key.sport as u32) | ((key.dport as u32) << 16),
+        key.proto as u32,
+    ];
+    let mut h: u32 = 0x6d78_6c62; // "mxlb"
+    let mut i = 0;
+    while i < 10 {
+        let mut k = words[i].wrapping_mul(0xcc9e_2d51);
+        k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
+        h ^= k;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    h ^= 40;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// Port as stored in map keys (network byte order) from a host-order port.
+pub const fn port_to_key(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// Host-order port from a map key port.
+pub const fn port_from_key(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    use std::net::{IpAddr, Ipv6Addr};
+
+    // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and have
+    // explicit padding fields, so every bit pattern is valid and there are no uninit bytes.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for LbConfig {}
+
+    /// Map encoding of an address (IPv4-mapped for IPv4).
+    pub fn addr_to_key(ip: IpAddr) -> [u8; 16] {
+        match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    }
+
+    /// Address from its map encoding.
+    pub fn addr_from_key(bytes: [u8; 16]) -> IpAddr {
+        Ipv6Addr::from(bytes).to_canonical()
+    }
+
+    impl core::ops::AddAssign for Counters {
+        fn add_assign(&mut self, o: Counters) {
+            self.packets += o.packets;
+            self.bytes += o.bytes;
+            self.new_flows += o.new_flows;
+        }
+    }
+}
+#[cfg(feature = "user")]
+pub use user::{addr_from_key, addr_to_key};
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<VipKey>(), 20);
+        assert_eq!(core::mem::size_of::<VipMeta>(), 12);
+        assert_eq!(core::mem::size_of::<Backend>(), 24);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<FlowState>(), 8);
+        assert_eq!(core::mem::size_of::<Counters>(), 24);
+        assert_eq!(core::mem::size_of::<LbConfig>(), 20);
+    }
+
+    #[test]
+    fn flow_hash_spreads_sequential_ports() {
+        // smtp-source opens connections from consecutive ports; the hash must still spread them.
+        let mut buckets = [0u32; 3];
+        for p in 0..3000u16 {
+            let k = FlowKey {
+                src: addr_to_key("198.18.0.1".parse().unwrap()),
+                dst: addr_to_key("198.18.0.100".parse().unwrap()),
+                sport: port_to_key(40000 + p),
+                dport: port_to_key(25),
+                proto: 6,
+                _pad: [0; 3],
+            };
+            buckets[((flow_hash(&k) % RING_SIZE) % 3) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((900..1100).contains(&b), "{buckets:?}");
+        }
+    }
+
+    #[test]
+    fn address_encoding_round_trips() {
+        for s in ["198.18.0.1", "2001:db8::1"] {
+            let ip: std::net::IpAddr = s.parse().unwrap();
+            assert_eq!(addr_from_key(addr_to_key(ip)), ip);
+        }
+    }
+}

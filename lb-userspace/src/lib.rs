@@ -1,0 +1,4 @@
+//! mxlb agent library.
+
+/// The compiled eBPF object (all XDP programs and maps), embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
