@@ -1,4 +1,6 @@
 //! mxlb agent library.
+pub mod config;
+pub mod maglev;
 
 /// The compiled eBPF object (all XDP programs and maps), embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -1,0 +1,709 @@
+//! The configuration file: what the operator wants balanced, and how.
+//!
+//! Parsing is two steps, as in pingora: serde turns TOML into [`Config`] (unknown keys are
+//! errors, so a typo never silently does nothing), then [`Config::validate`] checks what types
+//! cannot (unique names, known back-ends, port ranges, table capacity). Every error names the
+//! file, line and key ([`ConfigError`]), and validation reports all errors at once so a broken
+//! file is fixed in one round.
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The configuration used when none is given: the lab topology that `cargo xtask run` builds
+/// (one SMTP VIP over three smtp-sink back-ends). Also the example config in the README.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../mxlb.example.toml");
+
+/// Highest admin weight. Weights are relative; 0 means "no new sessions" (like HAProxy).
+pub const MAX_WEIGHT: u32 = 1000;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default, rename = "vip")]
+    pub vips: Vec<VipConfig>,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+/// Settings of this LB node.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Interfaces the balancer attaches to (where VIP traffic arrives).
+    pub interfaces: Vec<String>,
+    /// `auto` (native, falling back to generic with a warning), `native` or `generic`.
+    #[serde(default)]
+    pub xdp_mode: XdpModeSetting,
+    /// bpffs directory for pinned maps and links: what lets traffic flow, and conntrack
+    /// survive, while the agent restarts.
+    #[serde(default = "default_bpffs_dir")]
+    pub bpffs_dir: PathBuf,
+    /// Where operator changes made with the CLI are kept across restarts.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Unix socket the CLI uses to reach the running agent.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Tracked flows (conntrack LRU size).
+    #[serde(default = "default_conntrack_size")]
+    pub conntrack_size: u32,
+    /// Outer IPv4 source for dsr-ipip; default: the first IPv4 address of the first interface.
+    #[serde(default)]
+    pub encap_source_v4: Option<Ipv4Addr>,
+    /// Outer IPv6 source for dsr-ipip; default: the first global IPv6 address of the first interface.
+    #[serde(default)]
+    pub encap_source_v6: Option<Ipv6Addr>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// One virtual address with the ports it balances over one back-end pool.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    pub name: String,
+    pub address: IpAddr,
+    pub ports: Vec<u16>,
+    pub mode: ForwardingMode,
+    /// Names of `[[backend]]` entries; empty for `local` mode.
+    #[serde(default)]
+    pub backends: Vec<String>,
+}
+
+/// How packets for a VIP reach a back-end (see `lb_common::mode`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+pub enum ForwardingMode {
+    /// Same L2 segment: rewrite MACs; back-ends hold the VIP on loopback.
+    #[serde(rename = "dsr-l2")]
+    DsrL2,
+    /// Routed: IPIP/IP6IP6 encapsulation; back-ends run `mxlb decap attach`.
+    #[serde(rename = "dsr-ipip")]
+    DsrIpip,
+    /// Served by this node (relay, proxies): passed to the kernel.
+    #[serde(rename = "local")]
+    Local,
+}
+
+impl ForwardingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardingMode::DsrL2 => "dsr-l2",
+            ForwardingMode::DsrIpip => "dsr-ipip",
+            ForwardingMode::Local => "local",
+        }
+    }
+
+    /// The data-plane encoding (`lb_common::mode`).
+    pub fn to_map(self) -> u8 {
+        match self {
+            ForwardingMode::DsrL2 => lb_common::mode::DSR_L2,
+            ForwardingMode::DsrIpip => lb_common::mode::DSR_IPIP,
+            ForwardingMode::Local => lb_common::mode::LOCAL,
+        }
+    }
+}
+
+impl FromStr for ForwardingMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "dsr-l2" => Ok(ForwardingMode::DsrL2),
+            "dsr-ipip" => Ok(ForwardingMode::DsrIpip),
+            "local" => Ok(ForwardingMode::Local),
+            other => Err(format!("unknown mode `{other}` (expected dsr-l2, dsr-ipip or local)")),
+        }
+    }
+}
+
+/// One mail server.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: IpAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// MAC to send dsr-l2 frames to; default: resolved from the neighbour table.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+}
+
+/// An Ethernet address, written `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let mut mac = [0u8; 6];
+        if parts.len() != 6 {
+            return Err(format!("`{s}` is not a MAC address (expected aa:bb:cc:dd:ee:ff)"));
+        }
+        for (i, p) in parts.iter().enumerate() {
+            mac[i] = u8::from_str_radix(p, 16)
+                .ok()
+                .filter(|_| p.len() == 2)
+                .ok_or_else(|| format!("`{s}` is not a MAC address (expected aa:bb:cc:dd:ee:ff)"))?;
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_bpffs_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/mxlb")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/mxlb")
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/mxlb/mxlb.sock")
+}
+fn default_conntrack_size() -> u32 {
+    lb_common::CONNTRACK_DEFAULT_SIZE
+}
+fn default_weight() -> u32 {
+    100
+}
+
+/// One problem in a configuration file, located for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based; 0 when the key is absent from the file (a missing required key).
+    pub line: usize,
+    /// Dotted path, e.g. `vip[1].ports`.
+    pub key: String,
+    pub message: String,
+}
+
+/// All problems found in a file (never empty).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// Errors from loading a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Invalid(#[from] ConfigErrors),
+}
+
+impl Config {
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Config::parse(&text, &path.display().to_string())?)
+    }
+
+    /// The embedded default (see [`EMBEDDED_DEFAULT`]).
+    pub fn embedded_default() -> Config {
+        Config::parse(EMBEDDED_DEFAULT, "<embedded default>")
+            .expect("the embedded default config is validated by a unit test")
+    }
+
+    /// Parses and validates TOML text; `file` is used in error messages.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+        let locator = Locator::new(text, file);
+        let config: Config = match toml::from_str(text) {
+            Ok(c) => c,
+            Err(e) => {
+                let (line, key) = match e.span() {
+                    Some(span) => (locator.line_of(span.start), locator.key_at(span.start)),
+                    None => (0, String::new()),
+                };
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: file.to_string(),
+                    line,
+                    key: if key.is_empty() { "<document>".into() } else { key },
+                    message: e.message().trim().to_string(),
+                }]));
+            }
+        };
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(
+                problems
+                    .into_iter()
+                    .map(|p| ConfigError {
+                        file: file.to_string(),
+                        line: locator.line_of_path(&p.path),
+                        key: p.path.to_string(),
+                        message: p.message,
+                    })
+                    .collect(),
+            ))
+        }
+    }
+
+    /// Checks what the types cannot. Returns every problem found (empty = valid).
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut p = |path: KeyPath, message: String| out.push(Problem { path, message });
+        let n = &self.node;
+        if n.interfaces.is_empty() {
+            p(KeyPath::new("node").key("interfaces"), "at least one interface is required".into());
+        }
+        for (i, iface) in n.interfaces.iter().enumerate() {
+            if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']) {
+                p(
+                    KeyPath::new("node").key("interfaces").index(i),
+                    format!("`{iface}` is not a valid interface name (1-15 characters, no '/' or space)"),
+                );
+            }
+        }
+        if n.conntrack_size < 1024 || n.conntrack_size > 64 * 1024 * 1024 {
+            p(
+                KeyPath::new("node").key("conntrack_size"),
+                format!("{} is out of range (1024 to 67108864)", n.conntrack_size),
+            );
+        }
+
+        let mut backend_names = HashMap::new();
+        let mut backend_addrs = HashMap::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let at = KeyPath::new("backend").index(i);
+            if let Err(m) = validate_name(&b.name) {
+                p(at.key("name"), m);
+            }
+            if let Some(prev) = backend_names.insert(b.name.as_str(), i) {
+                p(at.key("name"), format!("back-end `{}` is already defined as backend[{prev}]", b.name));
+            }
+            if let Some(prev) = backend_addrs.insert(b.address, i) {
+                p(at.key("address"), format!("address {} is already used by backend[{prev}]", b.address));
+            }
+            if let Err(m) = validate_unicast(b.address) {
+                p(at.key("address"), m);
+            }
+            if b.weight > MAX_WEIGHT {
+                p(at.key("weight"), format!("{} is out of range (0 to {MAX_WEIGHT})", b.weight));
+            }
+        }
+        if self.backends.len() >= lb_common::MAX_BACKENDS as usize {
+            p(KeyPath::new("backend"), format!("at most {} back-ends", lb_common::MAX_BACKENDS - 1));
+        }
+
+        let mut vip_names = HashMap::new();
+        let mut listeners: HashMap<(IpAddr, u16), usize> = HashMap::new();
+        let mut vip_keys = 0usize;
+        for (i, v) in self.vips.iter().enumerate() {
+            let at = KeyPath::new("vip").index(i);
+            if let Err(m) = validate_name(&v.name) {
+                p(at.key("name"), m);
+            }
+            if let Some(prev) = vip_names.insert(v.name.as_str(), i) {
+                p(at.key("name"), format!("VIP `{}` is already defined as vip[{prev}]", v.name));
+            }
+            if let Err(m) = validate_unicast(v.address) {
+                p(at.key("address"), m);
+            }
+            if v.ports.is_empty() {
+                p(at.key("ports"), "at least one port is required".into());
+            }
+            let mut seen = HashSet::new();
+            for (j, port) in v.ports.iter().enumerate() {
+                if *port == 0 {
+                    p(at.key("ports").index(j), "port 0 is not a valid port".into());
+                } else if !seen.insert(*port) {
+                    p(at.key("ports").index(j), format!("port {port} is listed twice"));
+                } else if let Some(prev) = listeners.insert((v.address, *port), i) {
+                    p(at.key("ports").index(j), format!("{}:{port} is already served by vip[{prev}]", v.address));
+                }
+            }
+            vip_keys += v.ports.len() + 1;
+            match v.mode {
+                ForwardingMode::Local if !v.backends.is_empty() => {
+                    p(at.key("backends"), "a `local` VIP is served by this node and takes no back-ends".into())
+                }
+                ForwardingMode::DsrL2 | ForwardingMode::DsrIpip if v.backends.is_empty() => {
+                    p(at.key("backends"), format!("a `{}` VIP needs at least one back-end", v.mode.as_str()))
+                }
+                _ => {}
+            }
+            let mut listed = HashSet::new();
+            for (j, name) in v.backends.iter().enumerate() {
+                if !backend_names.contains_key(name.as_str()) {
+                    p(at.key("backends").index(j), format!("no [[backend]] is named `{name}`"));
+                } else if !listed.insert(name) {
+                    p(at.key("backends").index(j), format!("back-end `{name}` is listed twice"));
+                }
+            }
+        }
+        if self.vips.len() > (lb_common::MAX_RINGS / 2) as usize {
+            p(KeyPath::new("vip"), format!("at most {} VIPs", lb_common::MAX_RINGS / 2));
+        }
+        if vip_keys > lb_common::MAX_VIPS as usize {
+            p(KeyPath::new("vip"), format!("too many VIP ports (at most {} address:port pairs)", lb_common::MAX_VIPS));
+        }
+        out
+    }
+
+    pub fn backend(&self, name: &str) -> Option<&BackendConfig> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+
+    pub fn vip(&self, name: &str) -> Option<&VipConfig> {
+        self.vips.iter().find(|v| v.name == name)
+    }
+
+    /// Back-end names referenced by any VIP, sorted.
+    pub fn used_backends(&self) -> BTreeSet<&str> {
+        self.vips.iter().flat_map(|v| v.backends.iter().map(String::as_str)).collect()
+    }
+}
+
+/// Names are used on the command line and in metrics labels.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("a name must have 1 to 63 characters".into());
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+        return Err(format!("`{name}` may contain only letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+/// VIPs and back-ends are unicast host addresses.
+pub fn validate_unicast(ip: IpAddr) -> Result<(), String> {
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        return Err(format!("{ip} is not a usable unicast address"));
+    }
+    if let IpAddr::V4(v4) = ip {
+        if v4.is_broadcast() {
+            return Err(format!("{ip} is not a usable unicast address"));
+        }
+    }
+    Ok(())
+}
+
+/// A validation problem before it is located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: KeyPath,
+    pub message: String,
+}
+
+/// A key inside the document, e.g. `vip[1].ports[0]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPath(Vec<Seg>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+impl KeyPath {
+    pub fn new(key: &str) -> KeyPath {
+        KeyPath(vec![Seg::Key(key.to_string())])
+    }
+    pub fn key(&self, key: &str) -> KeyPath {
+        let mut v = self.0.clone();
+        v.push(Seg::Key(key.to_string()));
+        KeyPath(v)
+    }
+    pub fn index(&self, i: usize) -> KeyPath {
+        let mut v = self.0.clone();
+        v.push(Seg::Index(i));
+        KeyPath(v)
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, s) in self.0.iter().enumerate() {
+            match s {
+                Seg::Key(k) if i == 0 => write!(f, "{k}")?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds lines and key paths in the original text (toml_edit keeps spans; serde's model
+/// does not).
+struct Locator<'a> {
+    text: &'a str,
+    doc: Option<toml_edit::Document<&'a str>>,
+}
+
+impl<'a> Locator<'a> {
+    fn new(text: &'a str, _file: &str) -> Self {
+        Locator { text, doc: toml_edit::Document::parse(text).ok() }
+    }
+
+    fn line_of(&self, offset: usize) -> usize {
+        let offset = offset.min(self.text.len());
+        self.text.as_bytes()[..offset].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+
+    /// Line of the deepest existing part of `path` (the key itself when present).
+    fn line_of_path(&self, path: &KeyPath) -> usize {
+        let Some(doc) = &self.doc else { return 0 };
+        let mut span = None;
+        let mut item: Option<&toml_edit::Item> = None;
+        let mut table: Option<&toml_edit::Table> = Some(doc.as_table());
+        for seg in &path.0 {
+            match seg {
+                Seg::Key(k) => {
+                    // The schema has no inline tables, so keys only live in tables.
+                    let Some((key, it)) = table.and_then(|t| t.get_key_value(k)) else { break };
+                    span = key.span().or(span);
+                    item = Some(it);
+                    table = item.and_then(|i| i.as_table());
+                }
+                Seg::Index(n) => match item {
+                    Some(toml_edit::Item::ArrayOfTables(a)) => {
+                        let Some(t) = a.get(*n) else { break };
+                        span = t.span().or(span);
+                        table = Some(t);
+                        item = None;
+                    }
+                    Some(toml_edit::Item::Value(toml_edit::Value::Array(a))) => {
+                        let Some(v) = a.get(*n) else { break };
+                        span = v.span().or(span);
+                        table = None;
+                        item = None;
+                    }
+                    _ => break,
+                },
+            }
+        }
+        span.map(|s| self.line_of(s.start)).unwrap_or(0)
+    }
+
+    /// The dotted key path of the innermost key whose span contains `offset`.
+    fn key_at(&self, offset: usize) -> String {
+        let Some(doc) = &self.doc else { return String::new() };
+        let mut best = String::new();
+        walk_table(doc.as_table(), String::new(), offset, &mut best);
+        best
+    }
+}
+
+fn contains(span: Option<std::ops::Range<usize>>, offset: usize) -> bool {
+    span.is_some_and(|s| s.start <= offset && offset <= s.end)
+}
+
+fn walk_table(t: &toml_edit::Table, prefix: String, offset: usize, best: &mut String) {
+    for (k, item) in t.iter() {
+        let path = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+        let key_span = t.key(k).and_then(|key| key.span());
+        if contains(key_span, offset) {
+            *best = path.clone();
+        }
+        match item {
+            toml_edit::Item::Table(sub) => walk_table(sub, path, offset, best),
+            toml_edit::Item::ArrayOfTables(a) => {
+                for (i, sub) in a.iter().enumerate() {
+                    let p = format!("{path}[{i}]");
+                    if contains(sub.span(), offset) {
+                        *best = p.clone();
+                    }
+                    walk_table(sub, p, offset, best);
+                }
+            }
+            toml_edit::Item::Value(v) => walk_value(v, path, offset, best),
+            toml_edit::Item::None => {}
+        }
+    }
+}
+
+fn walk_value(v: &toml_edit::Value, path: String, offset: usize, best: &mut String) {
+    if contains(v.span(), offset) {
+        *best = path.clone();
+    }
+    match v {
+        toml_edit::Value::Array(a) => {
+            for (i, e) in a.iter().enumerate() {
+                walk_value(e, format!("{path}[{i}]"), offset, best);
+            }
+        }
+        toml_edit::Value::InlineTable(t) => {
+            for (k, e) in t.iter() {
+                walk_value(e, format!("{path}.{k}"), offset, best);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        Config::parse(text, "test.toml").expect_err("config should be rejected").0
+    }
+
+    const GOOD: &str = r#"
+[node]
+interfaces = ["eth0"]
+
+[[vip]]
+name = "mx"
+address = "198.18.0.100"
+ports = [25, 587]
+mode = "dsr-l2"
+backends = ["a", "b"]
+
+[[backend]]
+name = "a"
+address = "198.18.0.11"
+weight = 100
+
+[[backend]]
+name = "b"
+address = "198.18.0.12"
+mac = "02:00:00:00:00:0b"
+"#;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        assert!(!c.vips.is_empty() && !c.backends.is_empty());
+    }
+
+    #[test]
+    fn parses_a_good_file_with_defaults() {
+        let c = Config::parse(GOOD, "test.toml").unwrap();
+        assert_eq!(c.node.xdp_mode, XdpModeSetting::Auto);
+        assert_eq!(c.node.bpffs_dir, PathBuf::from("/sys/fs/bpf/mxlb"));
+        assert_eq!(c.backends[1].weight, 100);
+        assert_eq!(c.backends[1].mac, Some(MacAddr([2, 0, 0, 0, 0, 0x0b])));
+        assert_eq!(c.vips[0].mode, ForwardingMode::DsrL2);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = GOOD.replace("weight = 100", "wieght = 100");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].file, "test.toml");
+        assert_eq!(e[0].line, 15, "{e:?}");
+        assert_eq!(e[0].key, "backend[0].wieght");
+        assert!(e[0].message.contains("unknown field"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn bad_value_type_is_located() {
+        let text = GOOD.replace("ports = [25, 587]", "ports = [25, \"smtp\"]");
+        let e = errors(&text);
+        assert_eq!(e[0].line, 8, "{e:?}");
+        assert!(e[0].key.starts_with("vip[0].ports"), "{e:?}");
+    }
+
+    #[test]
+    fn bad_address_and_mode_are_located() {
+        let e = errors(&GOOD.replace("198.18.0.100", "198.18.0.300"));
+        assert_eq!((e[0].line, e[0].key.as_str()), (7, "vip[0].address"), "{e:?}");
+        let e = errors(&GOOD.replace("dsr-l2", "nat"));
+        assert_eq!((e[0].line, e[0].key.as_str()), (9, "vip[0].mode"), "{e:?}");
+    }
+
+    #[test]
+    fn validation_reports_every_problem_with_its_line() {
+        let text = GOOD
+            .replace("backends = [\"a\", \"b\"]", "backends = [\"a\", \"c\"]")
+            .replace("weight = 100", "weight = 5000")
+            .replace("ports = [25, 587]", "ports = [25, 25, 0]")
+            .replace("name = \"b\"", "name = \"a\"");
+        let e = errors(&text);
+        let found: Vec<(usize, &str)> = e.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert!(found.contains(&(15, "backend[0].weight")), "{found:?}");
+        assert!(found.contains(&(18, "backend[1].name")), "{found:?}");
+        assert!(found.contains(&(8, "vip[0].ports[1]")), "{found:?}");
+        assert!(found.contains(&(8, "vip[0].ports[2]")), "{found:?}");
+        assert!(found.contains(&(10, "vip[0].backends[1]")), "{found:?}");
+        assert!(e.iter().all(|e| e.file == "test.toml"));
+        assert!(e.iter().any(|e| e.message.contains("no [[backend]] is named `c`")), "{e:?}");
+    }
+
+    #[test]
+    fn missing_required_key_is_reported() {
+        let e = errors("[node]\n");
+        assert!(e[0].message.contains("interfaces"), "{e:?}");
+        assert_eq!(e[0].file, "test.toml");
+    }
+
+    #[test]
+    fn overlapping_listeners_and_local_backends_are_rejected() {
+        let text = format!(
+            "{GOOD}\n[[vip]]\nname = \"mx2\"\naddress = \"198.18.0.100\"\nports = [587]\nmode = \"local\"\nbackends = [\"a\"]\n"
+        );
+        let e = errors(&text);
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"vip[1].ports[0]"), "{e:?}");
+        assert!(keys.contains(&"vip[1].backends"), "{e:?}");
+    }
+
+    #[test]
+    fn rejects_unusable_addresses_and_weights() {
+        let e = errors(&GOOD.replace("198.18.0.11", "0.0.0.0"));
+        assert_eq!(e[0].key, "backend[0].address");
+        let e = errors(&GOOD.replace("mac = \"02:00:00:00:00:0b\"", "mac = \"02:00:00\""));
+        assert_eq!(e[0].key, "backend[1].mac", "{e:?}");
+    }
+
+    #[test]
+    fn mac_round_trips() {
+        let m: MacAddr = "02:aa:00:01:ff:10".parse().unwrap();
+        assert_eq!(m.to_string(), "02:aa:00:01:ff:10");
+        assert!("02:aa:00:01:ff".parse::<MacAddr>().is_err());
+        assert!("02:aa:00:01:ff:1".parse::<MacAddr>().is_err());
+    }
+}
