@@ -1,1 +1,463 @@
-fn main() {}
+//! `mxlb`: the agent (`mxlb run`) and the operator's CLI.
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use mxlb::{
+    config::{BackendConfig, Config, ForwardingMode, MacAddr, VipConfig, XdpModeSetting},
+    control::{self, Controller, Request},
+    dataplane::{Balancer, Helper},
+    desired::Change,
+    maps::DataplaneMaps,
+    report,
+};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+/// Default config path; when it does not exist the embedded default (the lab) is used.
+const DEFAULT_CONFIG: &str = "/etc/mxlb/mxlb.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "mxlb",
+    version,
+    about = "Kernel-assisted (XDP) load balancer for mail clusters",
+    long_about = "mxlb balances SMTP, submission, POP3 and IMAP connections across mail servers with an XDP \
+program (weighted Maglev, connection tracking, direct server return). `mxlb run` loads and attaches it and \
+keeps its maps in step with the config; the other commands change or show the running state, whether or \
+not the agent runs (changes are kept across restarts).",
+    after_help = "Config: --config FILE, else $MXLB_CONFIG, else /etc/mxlb/mxlb.toml, else the embedded default \
+(the lab topology of `cargo xtask run`; see mxlb.example.toml)."
+)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short, global = true, env = "MXLB_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the balancer, apply the config, run until SIGTERM/SIGINT.
+    Run {
+        /// Leave the program attached on exit (for restarts and upgrades: traffic keeps flowing
+        /// on the pinned maps while the agent is down).
+        #[arg(long)]
+        keep_attached: bool,
+    },
+    /// Check a configuration file and report every error with file, line and key.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// List, add or remove VIPs.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// List, add, remove, weight or drain back-ends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Packet, byte and new-flow rates per VIP port, back-end and data-path decision.
+    Stats {
+        /// Seconds between the two samples the rates are computed from.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Back-end side of dsr-ipip: strip the outer header so the local mail server sees the
+    /// client's packet (for kernels without IPIP tunnel devices).
+    Decap {
+        #[command(subcommand)]
+        action: HelperAction,
+    },
+    /// Attach a plain XDP_PASS program (needed on the peer of a veth where mxlb uses XDP_TX).
+    Pass {
+        #[command(subcommand)]
+        action: HelperAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum VipCommand {
+    /// Show VIPs, their ports, mode, back-ends and counters.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a VIP.
+    Add {
+        name: String,
+        address: std::net::IpAddr,
+        /// Port to balance (repeat for several).
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+        /// dsr-l2, dsr-ipip or local.
+        #[arg(long)]
+        mode: ForwardingMode,
+        /// Back-end in the pool (repeat for several).
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+    },
+    /// Remove a VIP.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    /// Show back-ends with weight, state, MAC and counters.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a back-end (to every non-local VIP unless --vip is given).
+    Add {
+        name: String,
+        address: std::net::IpAddr,
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+        /// MAC for dsr-l2 (default: resolved from the neighbour table).
+        #[arg(long)]
+        mac: Option<MacAddr>,
+        /// VIP whose pool it joins (repeat for several).
+        #[arg(long = "vip")]
+        vips: Vec<String>,
+    },
+    /// Remove a back-end from every pool.
+    Remove { name: String },
+    /// Set a back-end's weight (0-1000; 0 = no new sessions).
+    Weight { name: String, weight: u32 },
+    /// Stop sending new sessions to a back-end; established ones continue.
+    Drain { name: String },
+    /// Undo `drain`.
+    Undrain { name: String },
+}
+
+#[derive(Subcommand)]
+enum HelperAction {
+    /// Attach to an interface (the link is pinned and outlives this command).
+    Attach(HelperArgs),
+    /// Detach from an interface.
+    Detach {
+        iface: String,
+    },
+}
+
+#[derive(Args)]
+struct HelperArgs {
+    iface: String,
+    /// auto, native or generic.
+    #[arg(long, default_value = "auto")]
+    mode: String,
+}
+
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MXLB_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mxlb: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mxlb: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    if let Command::CheckConfig { file } = &cli.command {
+        return check_config(file);
+    }
+    let config = load_config(cli.config.as_deref())?;
+    match cli.command {
+        Command::CheckConfig { .. } => unreachable!("handled above"),
+        Command::Run { keep_attached } => run(config, keep_attached).await,
+        Command::Vip(VipCommand::List { json }) => list_vips(config, json).await,
+        Command::Vip(VipCommand::Add { name, address, ports, mode, backends }) => {
+            change(config, Change::VipAdd { vip: VipConfig { name, address, ports, mode, backends } }).await
+        }
+        Command::Vip(VipCommand::Remove { name }) => change(config, Change::VipRemove { name }).await,
+        Command::Backend(BackendCommand::List { json }) => list_backends(config, json).await,
+        Command::Backend(BackendCommand::Add { name, address, weight, mac, vips }) => {
+            change(config, Change::BackendAdd { backend: BackendConfig { name, address, weight, mac }, vips }).await
+        }
+        Command::Backend(BackendCommand::Remove { name }) => change(config, Change::BackendRemove { name }).await,
+        Command::Backend(BackendCommand::Weight { name, weight }) => change(config, Change::Weight { name, weight }).await,
+        Command::Backend(BackendCommand::Drain { name }) => change(config, Change::Drain { name }).await,
+        Command::Backend(BackendCommand::Undrain { name }) => change(config, Change::Undrain { name }).await,
+        Command::Stats { interval, json } => stats(config, interval, json).await,
+        Command::Decap { action } => helper(Helper::Decap, action),
+        Command::Pass { action } => helper(Helper::Pass, action),
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    let path = path.map(Path::to_path_buf).or_else(|| {
+        let p = PathBuf::from(DEFAULT_CONFIG);
+        p.exists().then_some(p)
+    });
+    match path {
+        Some(p) => Ok(Config::load(&p)?),
+        None => Ok(Config::embedded_default()),
+    }
+}
+
+fn check_config(file: &Path) -> Result<()> {
+    match Config::load(file) {
+        Ok(c) => {
+            println!(
+                "{}: OK ({} VIPs, {} back-ends, interfaces {})",
+                file.display(),
+                c.vips.len(),
+                c.backends.len(),
+                c.node.interfaces.join(", ")
+            );
+            Ok(())
+        }
+        Err(mxlb::config::LoadError::Invalid(errors)) => {
+            for e in &errors.0 {
+                println!("{e}");
+            }
+            bail!("{}: {} error(s)", file.display(), errors.0.len())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Opens the pinned maps if an agent has pinned them.
+fn open_maps(config: &Config) -> Result<Option<DataplaneMaps>> {
+    let dir = &config.node.bpffs_dir;
+    if !DataplaneMaps::pinned_in(dir) {
+        return Ok(None);
+    }
+    Ok(Some(DataplaneMaps::open_pinned(dir)?))
+}
+
+/// Sends a change to the running agent, or applies it here when none runs.
+async fn change(config: Config, change: Change) -> Result<()> {
+    let socket = config.node.control_socket.clone();
+    if let Some(answer) = control::request(&socket, &Request::Change { change: change.clone() }).await? {
+        if answer.ok {
+            println!("{}", answer.message);
+            return Ok(());
+        }
+        bail!("{}", answer.message);
+    }
+    let maps = open_maps(&config)?;
+    let mut controller = Controller::open(config, maps)?;
+    let message = controller.change(change).await?;
+    println!("{message} (no agent running: written directly)");
+    Ok(())
+}
+
+async fn list_vips(config: Config, json: bool) -> Result<()> {
+    let maps = open_maps(&config)?;
+    let controller = Controller::open(config, maps)?;
+    let rows = report::vips(controller.desired(), controller.maps())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<12} {:<26} {:<9} {:<7} {:<14} {:>12} {:>10}  BACKENDS", "NAME", "ADDRESS", "MODE", "ACTIVE", "PORTS", "PACKETS", "FLOWS");
+    for v in rows {
+        let ports: Vec<String> = v.ports.iter().map(|p| p.port.to_string()).collect();
+        let packets: u64 = v.ports.iter().map(|p| p.counters.packets).sum();
+        let flows: u64 = v.ports.iter().map(|p| p.counters.new_flows).sum();
+        println!(
+            "{:<12} {:<26} {:<9} {:<7} {:<14} {:>12} {:>10}  {}",
+            v.name,
+            v.address.to_string(),
+            v.mode,
+            if v.active { "yes" } else { "no" },
+            ports.join(","),
+            packets,
+            flows,
+            v.backends.join(",")
+        );
+    }
+    Ok(())
+}
+
+async fn list_backends(config: Config, json: bool) -> Result<()> {
+    let maps = open_maps(&config)?;
+    let controller = Controller::open(config, maps)?;
+    let rows = report::backends(controller.desired(), controller.maps())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<26} {:>6} {:<10} {:<17} {:>12} {:>10}  VIPS",
+        "NAME", "ADDRESS", "WEIGHT", "STATE", "MAC", "PACKETS", "FLOWS"
+    );
+    for b in rows {
+        println!(
+            "{:<12} {:<26} {:>6} {:<10} {:<17} {:>12} {:>10}  {}",
+            b.name,
+            b.address.to_string(),
+            b.weight,
+            b.state,
+            b.mac.unwrap_or_else(|| "-".into()),
+            b.counters.packets,
+            b.counters.new_flows,
+            b.vips.join(",")
+        );
+    }
+    Ok(())
+}
+
+async fn stats(config: Config, interval: f64, json: bool) -> Result<()> {
+    if !(0.05..=3600.0).contains(&interval) {
+        bail!("--interval must be between 0.05 and 3600 seconds");
+    }
+    let maps = open_maps(&config)?.context("no pinned maps: is `mxlb run` started with this config?")?;
+    let controller = Controller::open(config, None)?;
+    let before = report::sample(controller.desired(), &maps)?;
+    tokio::time::sleep(Duration::from_secs_f64(interval)).await;
+    let after = report::sample(controller.desired(), &maps)?;
+    let rates = report::rates(&before, &after);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rates)?);
+        return Ok(());
+    }
+    for (title, rows) in [("VIP:PORT", &rates.vips), ("BACKEND", &rates.backends), ("DECISION", &rates.reasons)] {
+        println!(
+            "{:<22} {:>12} {:>14} {:>12} {:>14} {:>16} {:>12}",
+            title, "PKTS/S", "BYTES/S", "NEWFLOWS/S", "PACKETS", "BYTES", "FLOWS"
+        );
+        for r in rows.iter().filter(|r| title != "DECISION" || r.total.packets > 0) {
+            println!(
+                "{:<22} {:>12.1} {:>14.1} {:>12.1} {:>14} {:>16} {:>12}",
+                r.name, r.packets_per_s, r.bytes_per_s, r.new_flows_per_s, r.total.packets, r.total.bytes, r.total.new_flows
+            );
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn helper(which: Helper, action: HelperAction) -> Result<()> {
+    match action {
+        HelperAction::Attach(args) => {
+            let mode = parse_mode(&args.mode)?;
+            let how = which.attach(&args.iface, mode)?;
+            println!("attached to {} ({how:?})", args.iface);
+        }
+        HelperAction::Detach { iface } => {
+            if which.detach(&iface)? {
+                println!("detached from {iface}");
+            } else {
+                println!("not attached to {iface}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_mode(s: &str) -> Result<XdpModeSetting> {
+    match s {
+        "auto" => Ok(XdpModeSetting::Auto),
+        "native" => Ok(XdpModeSetting::Native),
+        "generic" => Ok(XdpModeSetting::Generic),
+        other => bail!("unknown XDP mode `{other}` (expected auto, native or generic)"),
+    }
+}
+
+/// The agent: load, attach, apply, serve the CLI, keep the maps in step, stop on a signal.
+async fn run(config: Config, keep_attached: bool) -> Result<()> {
+    let node = config.node.clone();
+    let mut balancer = Balancer::load(&node.bpffs_dir, node.conntrack_size)
+        .with_context(|| format!("loading the balancer (maps pinned in {})", node.bpffs_dir.display()))?;
+    let mut attached = Vec::new();
+    for iface in &node.interfaces {
+        match balancer.attach(iface, node.xdp_mode) {
+            Ok(how) => {
+                info!(%iface, mode = ?how, "balancer attached");
+                attached.push(iface.clone());
+            }
+            Err(e) => {
+                for done in &attached {
+                    let _ = balancer.detach(done);
+                }
+                return Err(e).with_context(|| format!("attaching to {iface}"));
+            }
+        }
+    }
+    let maps = DataplaneMaps::open_pinned(&node.bpffs_dir)?;
+    let mut controller = Controller::open(config, Some(maps))?;
+    let report = controller.refresh().await.context("applying the configuration to the maps")?;
+    info!(?report, "configuration applied");
+    let controller = Arc::new(Mutex::new(controller));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let server = tokio::spawn(control::serve(node.control_socket.clone(), controller.clone(), wait_stop(stop_rx.clone())));
+    // Neighbours change (a back-end replaced, a MAC learned late): re-read every few seconds.
+    let refresher = {
+        let controller = controller.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = rx.changed() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = controller.lock().await.refresh().await {
+                            warn!(error = %e, "refresh failed");
+                        }
+                    }
+                }
+            }
+        })
+    };
+    info!(socket = %node.control_socket.display(), "mxlb running; SIGTERM or SIGINT stops it");
+    shutdown_signal().await?;
+    info!("stopping");
+    let _ = stop_tx.send(true);
+    let _ = refresher.await;
+    match server.await {
+        Ok(Err(e)) => warn!(error = %e, "control socket"),
+        Err(e) => warn!(error = %e, "control task"),
+        Ok(Ok(())) => {}
+    }
+    if keep_attached {
+        info!("leaving the balancer attached (--keep-attached); maps stay pinned");
+    } else {
+        for iface in &attached {
+            balancer.detach(iface).with_context(|| format!("detaching from {iface}"))?;
+            info!(%iface, "balancer detached");
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT: the one shutdown signal.
+async fn shutdown_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}

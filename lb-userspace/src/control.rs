@@ -1,0 +1,306 @@
+//! Operator control: the [`Controller`] that owns desired state, and the Unix-socket protocol
+//! the CLI uses to reach a running agent.
+//!
+//! One code path for every change: whether the agent runs or not, a CLI change goes through
+//! [`Controller::change`] (in the agent, reached over the socket; without an agent, in the CLI
+//! process itself), which validates it, records it durably in the change log, plans, and writes
+//! the maps through `maps::DataplaneMaps::apply`. A file lock in the state directory serialises
+//! the two cases.
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use lb_common::LbConfig;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::Mutex,
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, ForwardingMode},
+    desired::{Change, ChangeError, ChangeLog, Desired, Health, Plan, StateError, plan},
+    maps::{ApplyReport, DataplaneMaps, MapsError},
+    neighbours,
+};
+
+/// Errors of the control path.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Owns the desired state of one node and applies it to the maps.
+pub struct Controller {
+    config: Config,
+    desired: Desired,
+    maps: Option<DataplaneMaps>,
+    /// Observed health (issue: health prober). Back-ends of dsr-l2 VIPs without a MAC are
+    /// held down here until their MAC is known: frames cannot be addressed to them.
+    health: BTreeMap<String, Health>,
+    macs: BTreeMap<IpAddr, [u8; 6]>,
+    encap: LbConfig,
+    last_plan: Option<Plan>,
+}
+
+impl Controller {
+    /// Loads the change log over `config`. `maps` is None when nothing is pinned yet (the CLI
+    /// before the first `mxlb run`): changes are then only recorded.
+    pub fn open(config: Config, maps: Option<DataplaneMaps>) -> Result<Controller, ControlError> {
+        let log = ChangeLog::load(&config.node.state_dir)?;
+        let (desired, skipped) = log.replay(config.clone());
+        for (change, why) in skipped {
+            warn!(?change, %why, "recorded CLI change no longer applies to the config; skipped");
+        }
+        Ok(Controller {
+            config,
+            desired,
+            maps,
+            health: BTreeMap::new(),
+            macs: BTreeMap::new(),
+            encap: LbConfig::default(),
+            last_plan: None,
+        })
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    pub fn maps(&self) -> Option<&DataplaneMaps> {
+        self.maps.as_ref()
+    }
+
+    /// Applies, records and publishes one operator change.
+    pub async fn change(&mut self, change: Change) -> Result<String, ControlError> {
+        let state_dir = self.config.node.state_dir.clone();
+        let _lock = StateLock::acquire(&state_dir)?;
+        // Re-read the log under the lock: another CLI process may have written it.
+        let mut log = ChangeLog::load(&state_dir)?;
+        let (mut desired, _) = log.replay(self.config.clone());
+        desired.apply(&change)?;
+        log.record(change.clone());
+        log.save(&state_dir)?;
+        self.desired = desired;
+        info!(?change, "operator change recorded");
+        if self.maps.is_none() {
+            return Ok("recorded; it takes effect when `mxlb run` starts".into());
+        }
+        // Only a new back-end needs the neighbour table read again (its MAC); everything else
+        // is published at once, well within the 100 ms an operator expects.
+        let report = if matches!(change, Change::BackendAdd { .. }) { self.refresh().await? } else { self.publish()? };
+        Ok(format!(
+            "applied ({} ring slots written, {} tables switched, {} flows flushed)",
+            report.ring_slots_written, report.rings_switched, report.flows_flushed
+        ))
+    }
+
+    /// Re-reads what the plan depends on in the kernel (MACs, interface addresses), plans,
+    /// and writes the maps. Cheap when nothing changed.
+    pub async fn refresh(&mut self) -> Result<ApplyReport, ControlError> {
+        let addrs: Vec<IpAddr> = self.desired.config.backends.iter().map(|b| b.address).collect();
+        match neighbours::resolve_macs(&addrs, Duration::from_millis(500)).await {
+            Ok(m) => self.macs = m,
+            Err(e) => warn!(error = %e, "cannot read the neighbour table"),
+        }
+        self.encap = self.encap_sources().await;
+        self.mark_unaddressable();
+        self.publish()
+    }
+
+    /// Sets observed health and republishes (used by the health prober).
+    pub fn set_health(&mut self, backend: &str, health: Health) -> Result<ApplyReport, ControlError> {
+        self.health.insert(backend.to_string(), health);
+        self.publish()
+    }
+
+    fn publish(&mut self) -> Result<ApplyReport, ControlError> {
+        let p = plan(&self.desired, &self.health, &self.macs, self.encap);
+        let Some(maps) = self.maps.as_mut() else { return Ok(ApplyReport::default()) };
+        let report = maps.apply(&p)?;
+        if self.last_plan.as_ref() != Some(&p) {
+            for b in &p.backends {
+                let before = self.last_plan.as_ref().and_then(|lp| lp.backends.iter().find(|x| x.name == b.name));
+                if before.map(|x| (x.state, x.weight)) != Some((b.state, b.weight)) {
+                    info!(backend = %b.name, address = %b.address, state = state_name(b.state), weight = b.weight, "back-end published");
+                }
+            }
+            self.last_plan = Some(p);
+        }
+        Ok(report)
+    }
+
+    /// Back-ends of dsr-l2 VIPs need a MAC; without one they are held down (and logged once).
+    fn mark_unaddressable(&mut self) {
+        let c = &self.desired.config;
+        for b in &c.backends {
+            let l2 = c.vips.iter().any(|v| v.mode == ForwardingMode::DsrL2 && v.backends.contains(&b.name));
+            let known = b.mac.is_some() || self.macs.contains_key(&b.address);
+            let was_down = self.health.get(&b.name) == Some(&Health::Down);
+            if l2 && !known {
+                if !was_down {
+                    warn!(backend = %b.name, address = %b.address, "no MAC address known (not on this segment?); held down");
+                }
+                self.health.insert(b.name.clone(), Health::Down);
+            } else if was_down {
+                self.health.remove(&b.name);
+            }
+        }
+    }
+
+    async fn encap_sources(&self) -> LbConfig {
+        let n = &self.config.node;
+        let (mut v4, mut v6) = (n.encap_source_v4, n.encap_source_v6);
+        if v4.is_none() || v6.is_none() {
+            if let Some(iface) = n.interfaces.first() {
+                if let Ok((a4, a6)) = neighbours::interface_addresses(iface).await {
+                    v4 = v4.or(a4);
+                    v6 = v6.or(a6);
+                }
+            }
+        }
+        LbConfig {
+            src_v4: v4.map(|a| a.octets()).unwrap_or_default(),
+            src_v6: v6.map(|a| a.octets()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Name of a back-end state for people.
+pub fn state_name(s: u8) -> &'static str {
+    match s {
+        lb_common::state::UP => "up",
+        lb_common::state::DRAINING => "draining",
+        lb_common::state::DOWN => "down",
+        _ => "unused",
+    }
+}
+
+/// Exclusive lock on the state directory while a change is applied; released when the file
+/// is closed (dropped).
+struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    fn acquire(state_dir: &Path) -> Result<StateLock, ControlError> {
+        std::fs::create_dir_all(state_dir).map_err(|e| ControlError::Io(format!("{}: {e}", state_dir.display())))?;
+        let path = state_dir.join("lock");
+        let f = File::create(&path).map_err(|e| ControlError::Io(format!("{}: {e}", path.display())))?;
+        f.lock().map_err(|e| ControlError::Io(format!("{}: {e}", path.display())))?;
+        Ok(StateLock { _file: f })
+    }
+}
+
+/// A request on the control socket (one JSON object per line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Change { change: Change },
+    Ping,
+}
+
+/// The answer (one JSON object per line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    pub message: String,
+}
+
+/// Serves the control socket until `shutdown` resolves.
+pub async fn serve(
+    path: PathBuf,
+    controller: std::sync::Arc<Mutex<Controller>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ControlError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| ControlError::Io(format!("{}: {e}", dir.display())))?;
+    }
+    // A socket file left by a crashed agent would make bind fail.
+    if UnixStream::connect(&path).await.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).map_err(|e| ControlError::Io(format!("{}: {e}", path.display())))?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let controller = controller.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, controller).await {
+                        warn!(error = %e, "control connection");
+                    }
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Longest request line accepted (a change is a few hundred bytes).
+const MAX_REQUEST: usize = 64 * 1024;
+
+async fn handle(stream: UnixStream, controller: std::sync::Arc<Mutex<Controller>>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 * 16));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = tokio::time::timeout(Duration::from_secs(30), lines.read_line(&mut line))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "idle control connection"))??;
+        if n == 0 {
+            return Ok(());
+        }
+        let response = if line.len() > MAX_REQUEST {
+            Response { ok: false, message: "request too long".into() }
+        } else {
+            match serde_json::from_str::<Request>(&line) {
+                Err(e) => Response { ok: false, message: format!("bad request: {e}") },
+                Ok(Request::Ping) => Response { ok: true, message: "pong".into() },
+                Ok(Request::Change { change }) => match controller.lock().await.change(change).await {
+                    Ok(m) => Response { ok: true, message: m },
+                    Err(e) => Response { ok: false, message: e.to_string() },
+                },
+            }
+        };
+        let mut out = serde_json::to_vec(&response).expect("response serialises");
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+}
+
+/// Sends one request to a running agent. `Ok(None)` when no agent listens on `path`.
+pub async fn request(path: &Path, req: &Request) -> Result<Option<Response>, ControlError> {
+    let Ok(stream) = UnixStream::connect(path).await else { return Ok(None) };
+    let io = |e: std::io::Error| ControlError::Io(format!("{}: {e}", path.display()));
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(req).expect("request serialises");
+    line.push(b'\n');
+    write.write_all(&line).await.map_err(io)?;
+    let mut reader = BufReader::new(read);
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(30), reader.read_line(&mut answer))
+        .await
+        .map_err(|_| ControlError::Io(format!("{}: the agent did not answer within 30 s", path.display())))?
+        .map_err(io)?;
+    serde_json::from_str(&answer)
+        .map(Some)
+        .map_err(|e| ControlError::Io(format!("{}: bad answer from the agent: {e}", path.display())))
+}

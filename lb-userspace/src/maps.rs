@@ -1,0 +1,330 @@
+//! The one writer of the data path's maps (architecture principle 1).
+//!
+//! [`DataplaneMaps::apply`] takes a [`Plan`] and makes the pinned maps match it. Allocation
+//! state (which back-end id an address has, which Maglev ring pair a VIP owns, which stats
+//! slot a VIP port uses) is read back from the maps themselves, not kept in a side file: the
+//! maps are pinned, so they are the one record that is always in step with what the data path
+//! sees, whether the agent or the CLI wrote last.
+//!
+//! Atomicity: a VIP owns two rings; a new table is written into the idle one and only then is
+//! the VIP entry (one hash-map update, atomic for the data path) switched to it.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    path::Path,
+};
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use lb_common::{
+    Backend, Counters, FlowKey, FlowState, LbConfig, MAX_BACKENDS, MAX_RINGS, MAX_VIPS, RING_SIZE, VipKey, VipMeta,
+    addr_from_key, addr_to_key, port_to_key, state,
+};
+
+use crate::{
+    config::ForwardingMode,
+    desired::Plan,
+    maglev::{self, Member},
+};
+
+const TCP: u8 = 6;
+
+/// Errors talking to the pinned maps.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("cannot open pinned map {path}: {source} (is `mxlb run` started, or the bpffs dir right?)")]
+    Open {
+        path: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {map}: {source}")]
+    Access {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("no free {0} left")]
+    Full(&'static str),
+}
+
+fn access(map: &'static str) -> impl Fn(MapError) -> MapsError {
+    move |source| MapsError::Access { map, source }
+}
+
+/// Handles on every map the data path uses.
+pub struct DataplaneMaps {
+    vips: BpfHashMap<MapData, VipKey, VipMeta>,
+    backends: Array<MapData, Backend>,
+    rings: Array<MapData, u32>,
+    conntrack: BpfHashMap<MapData, FlowKey, FlowState>,
+    vip_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    reasons: PerCpuArray<MapData, Counters>,
+    config: Array<MapData, LbConfig>,
+    /// What this process knows each ring holds, so a rebuild writes only the slots that differ
+    /// (Maglev changes few slots per change). Empty after start: the first write is complete.
+    ring_cache: HashMap<u32, Vec<u32>>,
+}
+
+/// The data path's state as read back from the maps.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Back-end id → entry.
+    pub backends: BTreeMap<u32, Backend>,
+    pub vips: Vec<(VipKey, VipMeta)>,
+}
+
+/// What [`DataplaneMaps::apply`] did (for logs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub ring_slots_written: usize,
+    pub rings_switched: usize,
+    pub vip_entries_removed: usize,
+    pub backends_removed: usize,
+    pub flows_flushed: usize,
+}
+
+impl DataplaneMaps {
+    /// Opens the maps pinned under `dir` (by `mxlb run`).
+    pub fn open_pinned(dir: &Path) -> Result<DataplaneMaps, MapsError> {
+        fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T, MapsError> {
+            let path = dir.join(name);
+            let err = |source| MapsError::Open { path: path.display().to_string(), source };
+            let data = MapData::from_pin(&path).map_err(err)?;
+            let map = Map::from_map_data(data).map_err(err)?;
+            T::try_from(map).map_err(err)
+        }
+        Ok(DataplaneMaps {
+            vips: open(dir, lb_common::MAP_VIPS)?,
+            backends: open(dir, lb_common::MAP_BACKENDS)?,
+            rings: open(dir, lb_common::MAP_RINGS)?,
+            conntrack: open(dir, lb_common::MAP_CONNTRACK)?,
+            vip_stats: open(dir, lb_common::MAP_VIP_STATS)?,
+            backend_stats: open(dir, lb_common::MAP_BACKEND_STATS)?,
+            reasons: open(dir, lb_common::MAP_REASON_STATS)?,
+            config: open(dir, lb_common::MAP_CONFIG)?,
+            ring_cache: HashMap::new(),
+        })
+    }
+
+    /// Whether maps are pinned under `dir`.
+    pub fn pinned_in(dir: &Path) -> bool {
+        dir.join(lb_common::MAP_VIPS).exists()
+    }
+
+    /// Reads back back-ends and VIP entries.
+    pub fn snapshot(&self) -> Result<Snapshot, MapsError> {
+        let mut snap = Snapshot::default();
+        for id in 1..MAX_BACKENDS {
+            let b = self.backends.get(&id, 0).map_err(access("backends"))?;
+            if b.state != state::UNUSED {
+                snap.backends.insert(id, b);
+            }
+        }
+        for entry in self.vips.iter() {
+            snap.vips.push(entry.map_err(access("vips"))?);
+        }
+        snap.vips.sort_by_key(|(k, _)| (k.addr, u16::from_be(k.port)));
+        Ok(snap)
+    }
+
+    /// Makes the maps match `plan`. Idempotent: applying the same plan twice writes nothing
+    /// the second time (beyond reads).
+    pub fn apply(&mut self, plan: &Plan) -> Result<ApplyReport, MapsError> {
+        let mut report = ApplyReport::default();
+        let snap = self.snapshot()?;
+
+        // 1. Back-ends: keep ids by address, free the ones no longer planned (and forget
+        //    their flows, so a reused id never inherits another server's connections).
+        let planned: BTreeSet<IpAddr> = plan.backends.iter().map(|b| b.address).collect();
+        let mut ids: HashMap<IpAddr, u32> = HashMap::new();
+        let mut removed = BTreeSet::new();
+        for (id, b) in &snap.backends {
+            let addr = addr_from_key(b.addr);
+            if planned.contains(&addr) {
+                ids.insert(addr, *id);
+            } else {
+                removed.insert(*id);
+            }
+        }
+        for id in &removed {
+            self.backends.set(*id, unused_backend(), 0).map_err(access("backends"))?;
+        }
+        report.backends_removed = removed.len();
+        if !removed.is_empty() {
+            report.flows_flushed = self.flush_flows(|s| removed.contains(&s.backend))?;
+        }
+        let taken: BTreeSet<u32> = ids.values().copied().collect();
+        let mut free_ids = (1..MAX_BACKENDS).filter(|id| !taken.contains(id));
+        for b in &plan.backends {
+            let id = match ids.get(&b.address) {
+                Some(id) => *id,
+                None => {
+                    let id = free_ids.next().ok_or(MapsError::Full("back-end slots"))?;
+                    ids.insert(b.address, id);
+                    id
+                }
+            };
+            let entry = Backend { addr: addr_to_key(b.address), mac: b.mac, state: b.state, _pad: 0 };
+            if snap.backends.get(&id) != Some(&entry) {
+                self.backends.set(id, entry, 0).map_err(access("backends"))?;
+            }
+        }
+
+        // 2. VIPs: rings and entries.
+        let mut wanted: HashMap<VipKey, VipMeta> = HashMap::new();
+        let existing: HashMap<VipKey, VipMeta> = snap.vips.iter().copied().collect();
+        let mut used_ids: BTreeSet<u32> = existing.values().map(|m| m.id).collect();
+        let mut used_pairs: BTreeSet<u32> = existing
+            .values()
+            .filter(|m| m.mode != lb_common::mode::LOCAL)
+            .map(|m| m.ring / 2)
+            .collect();
+        let weights: HashMap<&str, (u32, IpAddr)> =
+            plan.backends.iter().map(|b| (b.name.as_str(), (b.weight, b.address))).collect();
+        for vip in &plan.vips {
+            let addr = addr_to_key(vip.address);
+            let current = existing.iter().find(|(k, m)| k.addr == addr && m.mode != lb_common::mode::LOCAL);
+            let ring = if vip.mode == ForwardingMode::Local {
+                0
+            } else {
+                let members: Vec<Member> = vip
+                    .members
+                    .iter()
+                    .filter_map(|n| weights.get(n.as_str()))
+                    .map(|(weight, address)| Member { id: ids[address], address: *address, weight: *weight })
+                    .collect();
+                let table = maglev::build(&members, RING_SIZE);
+                match current.map(|(_, m)| m.ring) {
+                    // Unchanged table (known from this process's cache): no switch needed.
+                    Some(active) if self.ring_cache.get(&active) == Some(&table) => active,
+                    Some(active) => {
+                        let idle = active ^ 1;
+                        report.ring_slots_written += self.write_ring(idle, table)?;
+                        report.rings_switched += 1;
+                        idle
+                    }
+                    None => {
+                        let pair = (0..MAX_RINGS / 2)
+                            .find(|p| !used_pairs.contains(p))
+                            .ok_or(MapsError::Full("Maglev rings"))?;
+                        used_pairs.insert(pair);
+                        report.ring_slots_written += self.write_ring(pair * 2, table)?;
+                        report.rings_switched += 1;
+                        pair * 2
+                    }
+                }
+            };
+            let mode = vip.mode.to_map();
+            // Port 0 marks the address itself (fragments to it are dropped); stats id 0 is
+            // reserved for these markers.
+            let marker = VipKey { addr, port: 0, proto: TCP, _pad: 0 };
+            wanted.insert(marker, VipMeta { id: 0, ring, mode, flags: 0, _pad: [0; 2] });
+            for port in &vip.ports {
+                let key = VipKey { addr, port: port_to_key(*port), proto: TCP, _pad: 0 };
+                let id = match existing.get(&key) {
+                    Some(m) if m.id != 0 => m.id,
+                    _ => {
+                        let id = (1..MAX_VIPS).find(|i| !used_ids.contains(i)).ok_or(MapsError::Full("VIP slots"))?;
+                        used_ids.insert(id);
+                        id
+                    }
+                };
+                wanted.insert(key, VipMeta { id, ring, mode, flags: 0, _pad: [0; 2] });
+            }
+        }
+        for (key, meta) in &wanted {
+            if existing.get(key) != Some(meta) {
+                self.vips.insert(key, meta, 0).map_err(access("vips"))?;
+            }
+        }
+        for key in existing.keys().filter(|k| !wanted.contains_key(k)) {
+            self.vips.remove(key).map_err(access("vips"))?;
+            report.vip_entries_removed += 1;
+        }
+
+        // 3. Node settings.
+        if self.config.get(&0, 0).map_err(access("config"))? != plan.encap {
+            self.config.set(0, plan.encap, 0).map_err(access("config"))?;
+        }
+        Ok(report)
+    }
+
+    /// Writes a ring, skipping slots known to hold the right value already.
+    fn write_ring(&mut self, ring: u32, table: Vec<u32>) -> Result<usize, MapsError> {
+        let base = ring * RING_SIZE;
+        let old = self.ring_cache.remove(&ring);
+        let mut written = 0;
+        for (slot, id) in table.iter().enumerate() {
+            if old.as_ref().is_some_and(|o| o[slot] == *id) {
+                continue;
+            }
+            self.rings.set(base + slot as u32, *id, 0).map_err(access("rings"))?;
+            written += 1;
+        }
+        self.ring_cache.insert(ring, table);
+        Ok(written)
+    }
+
+    /// Reads one ring (for tests and diagnostics).
+    pub fn read_ring(&self, ring: u32) -> Result<Vec<u32>, MapsError> {
+        (0..RING_SIZE).map(|s| self.rings.get(&(ring * RING_SIZE + s), 0).map_err(access("rings"))).collect()
+    }
+
+    /// Removes the conntrack entries for which `pred` holds; returns how many.
+    pub fn flush_flows(&mut self, pred: impl Fn(&FlowState) -> bool) -> Result<usize, MapsError> {
+        let doomed: Vec<FlowKey> = self
+            .conntrack
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(_, s)| pred(s))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            // An entry may have been evicted meanwhile (LRU): not an error.
+            let _ = self.conntrack.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Number of tracked flows (walks the LRU map).
+    pub fn flow_count(&self) -> usize {
+        self.conntrack.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Tracked flows pinned to back-end `id`.
+    pub fn flows_to(&self, id: u32) -> usize {
+        self.conntrack.iter().filter_map(|e| e.ok()).filter(|(_, s)| s.backend == id).count()
+    }
+
+    fn sum(map: &PerCpuArray<MapData, Counters>, index: u32, name: &'static str) -> Result<Counters, MapsError> {
+        let per_cpu = map.get(&index, 0).map_err(access(name))?;
+        let mut total = Counters::default();
+        for c in per_cpu.iter() {
+            total += *c;
+        }
+        Ok(total)
+    }
+
+    /// Counters of a VIP entry (by [`VipMeta::id`]), summed over CPUs.
+    pub fn vip_counters(&self, id: u32) -> Result<Counters, MapsError> {
+        Self::sum(&self.vip_stats, id, "vip_stats")
+    }
+
+    /// Counters of a back-end id, summed over CPUs.
+    pub fn backend_counters(&self, id: u32) -> Result<Counters, MapsError> {
+        Self::sum(&self.backend_stats, id, "backend_stats")
+    }
+
+    /// Counters per data-path decision, summed over CPUs.
+    pub fn reason_counters(&self) -> Result<Vec<(lb_common::Reason, Counters)>, MapsError> {
+        lb_common::Reason::ALL
+            .iter()
+            .map(|r| Ok((*r, Self::sum(&self.reasons, *r as u32, "reasons")?)))
+            .collect()
+    }
+}
+
+fn unused_backend() -> Backend {
+    Backend { addr: [0; 16], mac: [0; 6], state: state::UNUSED, _pad: 0 }
+}

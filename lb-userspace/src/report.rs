@@ -1,0 +1,171 @@
+//! What the CLI shows: VIP and back-end listings (desired state joined with what the data path
+//! holds) and counter samples for rates. Plain data with `Serialize`, so `--json` prints
+//! exactly what the table shows.
+use std::{collections::BTreeMap, net::IpAddr, time::Instant};
+
+use lb_common::{Counters, addr_to_key, port_to_key};
+use serde::Serialize;
+
+use crate::{control::state_name, desired::Desired, maps::{DataplaneMaps, MapsError, Snapshot}};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BackendRow {
+    pub name: String,
+    pub address: IpAddr,
+    /// Admin weight (config + CLI).
+    pub weight: u32,
+    pub drained: bool,
+    /// State in the data path: up, draining, down; `unused` when no VIP uses it, `not-loaded`
+    /// when no agent has pinned maps yet.
+    pub state: String,
+    pub id: Option<u32>,
+    pub mac: Option<String>,
+    pub vips: Vec<String>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VipRow {
+    pub name: String,
+    pub address: IpAddr,
+    pub mode: String,
+    pub backends: Vec<String>,
+    /// Whether the data path has this VIP (false before `mxlb run`).
+    pub active: bool,
+    pub ports: Vec<PortRow>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PortRow {
+    pub port: u16,
+    pub counters: Counters,
+}
+
+fn snapshot(maps: Option<&DataplaneMaps>) -> Result<Option<Snapshot>, MapsError> {
+    maps.map(|m| m.snapshot()).transpose()
+}
+
+pub fn backends(desired: &Desired, maps: Option<&DataplaneMaps>) -> Result<Vec<BackendRow>, MapsError> {
+    let snap = snapshot(maps)?;
+    let c = &desired.config;
+    let mut rows = Vec::new();
+    for b in &c.backends {
+        let key = addr_to_key(b.address);
+        let entry = snap.as_ref().and_then(|s| s.backends.iter().find(|(_, e)| e.addr == key));
+        let counters = match (maps, entry) {
+            (Some(m), Some((id, _))) => m.backend_counters(*id)?,
+            _ => Counters::default(),
+        };
+        rows.push(BackendRow {
+            name: b.name.clone(),
+            address: b.address,
+            weight: b.weight,
+            drained: desired.drained.contains(&b.name),
+            state: match (&snap, entry) {
+                (None, _) => "not-loaded".into(),
+                (Some(_), None) => "unused".into(),
+                (Some(_), Some((_, e))) => state_name(e.state).into(),
+            },
+            id: entry.map(|(id, _)| *id),
+            mac: entry.map(|(_, e)| crate::config::MacAddr(e.mac).to_string()),
+            vips: c.vips.iter().filter(|v| v.backends.contains(&b.name)).map(|v| v.name.clone()).collect(),
+            counters,
+        });
+    }
+    Ok(rows)
+}
+
+pub fn vips(desired: &Desired, maps: Option<&DataplaneMaps>) -> Result<Vec<VipRow>, MapsError> {
+    let snap = snapshot(maps)?;
+    let mut rows = Vec::new();
+    for v in &desired.config.vips {
+        let addr = addr_to_key(v.address);
+        let mut ports = Vec::new();
+        let mut active = false;
+        for p in &v.ports {
+            let meta = snap
+                .as_ref()
+                .and_then(|s| s.vips.iter().find(|(k, _)| k.addr == addr && k.port == port_to_key(*p)))
+                .map(|(_, m)| *m);
+            active |= meta.is_some();
+            let counters = match (maps, meta) {
+                (Some(m), Some(meta)) => m.vip_counters(meta.id)?,
+                _ => Counters::default(),
+            };
+            ports.push(PortRow { port: *p, counters });
+        }
+        rows.push(VipRow {
+            name: v.name.clone(),
+            address: v.address,
+            mode: v.mode.as_str().into(),
+            backends: v.backends.clone(),
+            active,
+            ports,
+        });
+    }
+    Ok(rows)
+}
+
+/// Counters at one instant.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub at: Instant,
+    /// "vip:port" → counters.
+    pub vips: BTreeMap<String, Counters>,
+    /// back-end name → counters.
+    pub backends: BTreeMap<String, Counters>,
+    pub reasons: BTreeMap<String, Counters>,
+}
+
+pub fn sample(desired: &Desired, maps: &DataplaneMaps) -> Result<Sample, MapsError> {
+    let at = Instant::now();
+    let vips = vips(desired, Some(maps))?
+        .into_iter()
+        .flat_map(|v| v.ports.into_iter().map(move |p| (format!("{}:{}", v.name, p.port), p.counters)))
+        .collect();
+    let backends = backends(desired, Some(maps))?.into_iter().map(|b| (b.name, b.counters)).collect();
+    let reasons = maps.reason_counters()?.into_iter().map(|(r, c)| (r.name().to_string(), c)).collect();
+    Ok(Sample { at, vips, backends, reasons })
+}
+
+/// Per-second rates between two samples, with the totals of the later one.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rate {
+    pub name: String,
+    pub packets_per_s: f64,
+    pub bytes_per_s: f64,
+    pub new_flows_per_s: f64,
+    pub total: Counters,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rates {
+    pub interval_s: f64,
+    pub vips: Vec<Rate>,
+    pub backends: Vec<Rate>,
+    pub reasons: Vec<Rate>,
+}
+
+pub fn rates(before: &Sample, after: &Sample) -> Rates {
+    let dt = after.at.duration_since(before.at).as_secs_f64().max(1e-6);
+    let diff = |a: &BTreeMap<String, Counters>, b: &BTreeMap<String, Counters>| -> Vec<Rate> {
+        b.iter()
+            .map(|(name, now)| {
+                let then = a.get(name).copied().unwrap_or_default();
+                Rate {
+                    name: name.clone(),
+                    packets_per_s: now.packets.saturating_sub(then.packets) as f64 / dt,
+                    bytes_per_s: now.bytes.saturating_sub(then.bytes) as f64 / dt,
+                    new_flows_per_s: now.new_flows.saturating_sub(then.new_flows) as f64 / dt,
+                    total: *now,
+                }
+            })
+            .collect()
+    };
+    Rates {
+        interval_s: dt,
+        vips: diff(&before.vips, &after.vips),
+        backends: diff(&before.backends, &after.backends),
+        reasons: diff(&before.reasons, &after.reasons),
+    }
+}
