@@ -1,4 +1,21 @@
-//! mxlb agent library.
+//! mxlb agent library: everything `mxlb run` and the CLI do, as modules the integration tests
+//! and benchmarks can use too.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, `validate()`, errors located by file/line/key.
+//! - [`desired`]: config + the operator's CLI changes (kept across restarts) and [`desired::plan`],
+//!   the one function turning intent and health into back-end states and weights.
+//! - [`maglev`]: weighted Maglev tables, identical on every node for identical input.
+//! - [`maps`]: the one writer of the BPF maps (back-ends, rings, VIPs), and counter reads.
+//! - [`dataplane`]: loading the eBPF object, pinning maps and links, attaching XDP programs
+//!   (balancer, `decap` for dsr-ipip back-ends, `pass` for veth peers).
+//! - [`neighbours`]: back-end MACs and this node's addresses from rtnetlink.
+//! - [`control`]: the [`control::Controller`] that owns desired state, and the Unix socket the
+//!   CLI uses to reach a running agent.
+//! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
+//!
+//! The XDP program itself is in the `lb-ebpf` crate; the types both sides share are in
+//! `lb-common`.
 pub mod config;
 pub mod control;
 pub mod dataplane;
@@ -8,5 +25,5 @@ pub mod maps;
 pub mod neighbours;
 pub mod report;
 
-/// The compiled eBPF object (all XDP programs and maps), embedded at build time.
+/// The compiled eBPF object (all XDP programs and maps), embedded at build time by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
