@@ -1,0 +1,194 @@
+//! `mxlb_balancer`: VIP lookup, back-end selection (conntrack, else Maglev ring), forwarding.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{
+    Backend, FlowKey, FlowState, MAX_RINGS, RING_SIZE, Reason, VipKey, VipMeta, flow_hash, mode,
+    state,
+};
+
+use crate::{
+    encap,
+    maps::{BACKEND_STATS, BACKENDS, CONNTRACK, RINGS, VIP_STATS, VIPS, count, count_reason},
+    parse::{
+        ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, Res, TCP_ACK, TCP_RST, TCP_SYN, Verdict, frame_len,
+        parse_l2, parse_v4, parse_v6, ptr_at,
+    },
+};
+
+/// Program body: one verdict, one reason counter.
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    let len = frame_len(ctx) as u64;
+    let v = match try_balance(ctx, len) {
+        Ok(v) | Err(v) => v,
+    };
+    count_reason(v.reason, len);
+    v.action
+}
+
+/// The chosen back-end.
+struct Choice {
+    id: u32,
+    backend: Backend,
+    /// The ring picked it (as opposed to conntrack).
+    new_flow: bool,
+}
+
+#[inline(always)]
+fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
+    let l2 = parse_l2(ctx)?;
+    let pkt = match l2.proto {
+        ETH_P_IP => parse_v4(ctx, l2.l3)?,
+        ETH_P_IPV6 => parse_v6(ctx, l2.l3)?,
+        _ => return Ok(Verdict::pass(Reason::PassNonIp)),
+    };
+    // Port 0 is the address-level marker, never a VIP:port.
+    if pkt.key.dport == 0 {
+        return Ok(Verdict::pass(Reason::PassNonVip));
+    }
+    // For ICMP errors the VIP is the quoted packet's source, i.e. the reversed key's dst.
+    let vkey = VipKey {
+        addr: pkt.key.dst,
+        port: pkt.key.dport,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let meta: VipMeta = match VIPS.get_ptr(&vkey) {
+        // SAFETY: pointer from a successful map lookup.
+        Some(m) => unsafe { *m },
+        None => return Ok(Verdict::pass(Reason::PassNonVip)),
+    };
+    if meta.mode == mode::LOCAL {
+        count(&VIP_STATS, meta.id, len, 0);
+        return Ok(Verdict::pass(Reason::PassLocal));
+    }
+    if meta.mode != mode::DSR_L2 && meta.mode != mode::DSR_IPIP {
+        return Ok(Verdict::pass(Reason::PassNonVip));
+    }
+
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let rst = pkt.tcp_flags & TCP_RST != 0;
+    let hash = flow_hash(&pkt.key);
+    let choice = match choose(&pkt.key, &meta, hash, syn, !rst && !pkt.icmp) {
+        Ok(c) => c,
+        Err(v) => {
+            count(&VIP_STATS, meta.id, len, 0);
+            return Err(v);
+        }
+    };
+
+    let v = if meta.mode == mode::DSR_L2 {
+        rewrite_l2(ctx, &choice.backend)
+    } else {
+        let job = encap::Job {
+            vlan: l2.vlan,
+            v6: pkt.v6,
+            tos: pkt.tos,
+            ip_len: pkt.ip_len,
+            hash,
+            backend: choice.id,
+        };
+        let mut out = Verdict::drop(Reason::DropEncap);
+        encap::ipip(ctx, &job, &mut out);
+        out
+    };
+    if v.action == xdp_action::XDP_TX || v.action == xdp_action::XDP_REDIRECT {
+        let new = (choice.new_flow && !pkt.icmp) as u64;
+        count(&VIP_STATS, meta.id, len, new);
+        count(&BACKEND_STATS, choice.id, len, new);
+        let reason = if pkt.icmp {
+            Reason::IcmpForwarded
+        } else {
+            Reason::Forwarded
+        };
+        Ok(Verdict {
+            action: v.action,
+            reason,
+        })
+    } else {
+        count(&VIP_STATS, meta.id, len, 0);
+        Ok(v)
+    }
+}
+
+/// Conntrack first (unless SYN), else the VIP's ring; `insert` stores a ring choice.
+#[inline(always)]
+fn choose(key: &FlowKey, meta: &VipMeta, hash: u32, syn: bool, insert: bool) -> Res<Choice> {
+    if !syn {
+        if let Some(st) = CONNTRACK.get_ptr(key) {
+            // SAFETY: pointer from a successful map lookup.
+            let id = unsafe { (*st).backend };
+            if let Some(b) = BACKENDS.get_ptr(id) {
+                // SAFETY: as above.
+                let backend = unsafe { *b };
+                if backend.state == state::UP || backend.state == state::DRAINING {
+                    return Ok(Choice {
+                        id,
+                        backend,
+                        new_flow: false,
+                    });
+                }
+            }
+        }
+    }
+    let no_backend = Verdict::drop(Reason::DropNoBackend);
+    if meta.ring >= MAX_RINGS {
+        return Err(no_backend);
+    }
+    let slot = meta.ring * RING_SIZE + hash % RING_SIZE;
+    let id = match RINGS.get_ptr(slot) {
+        // SAFETY: pointer from a successful map lookup.
+        Some(p) => unsafe { *p },
+        None => return Err(no_backend),
+    };
+    if id == 0 {
+        return Err(no_backend);
+    }
+    let backend = match BACKENDS.get_ptr(id) {
+        // SAFETY: as above.
+        Some(b) => unsafe { *b },
+        None => return Err(no_backend),
+    };
+    if backend.state != state::UP {
+        return Err(no_backend);
+    }
+    if insert {
+        let st = FlowState {
+            backend: id,
+            vip: meta.id,
+        };
+        // Failure (e.g. -ENOMEM) only costs stickiness; the packet is still forwarded.
+        let _ = CONNTRACK.insert(key, &st, 0);
+    }
+    Ok(Choice {
+        id,
+        backend,
+        new_flow: true,
+    })
+}
+
+/// dsr-l2: destination MAC = back-end, source MAC = our own (the frame's old destination).
+#[inline(always)]
+fn rewrite_l2(ctx: &XdpContext, backend: &Backend) -> Verdict {
+    if backend.mac == [0u8; 6] {
+        return Verdict::drop(Reason::DropNoRoute);
+    }
+    match ptr_at::<[u8; 12]>(ctx, 0) {
+        Some(p) => {
+            // SAFETY: bounds checked by ptr_at.
+            unsafe {
+                let old = *p;
+                let m = backend.mac;
+                *p = [
+                    m[0], m[1], m[2], m[3], m[4], m[5], old[0], old[1], old[2], old[3], old[4],
+                    old[5],
+                ];
+            }
+            Verdict {
+                action: xdp_action::XDP_TX,
+                reason: Reason::Forwarded,
+            }
+        }
+        None => Verdict::pass(Reason::PassMalformed),
+    }
+}

@@ -1,0 +1,65 @@
+//! The maps shared by all programs. Names, key/value types and sizes are the contract in
+//! `lb-common`; every map is pinned by name so userspace (`EbpfLoader::map_pin_path`) can keep
+//! them, and the traffic they steer, across agent restarts.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, CONNTRACK_DEFAULT_SIZE, Counters, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
+    MAX_RINGS, MAX_VIPS, REASON_SLOTS, RING_SIZE, Reason, VipKey, VipMeta,
+};
+
+/// `MXLB_VIPS`: (address, port, protocol) → VIP metadata. A port-0 entry marks the address
+/// itself as a VIP (fragments to it are dropped, extension headers reported as such).
+#[map(name = "MXLB_VIPS")]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::pinned(MAX_VIPS, 0);
+
+/// `MXLB_BACKENDS`: back-end id → address, MAC and state. Id 0 is never used.
+#[map(name = "MXLB_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+/// `MXLB_RINGS`: `MAX_RINGS` Maglev tables of `RING_SIZE` back-end ids each (0 = empty slot).
+#[map(name = "MXLB_RINGS")]
+pub static RINGS: Array<u32> = Array::pinned(MAX_RINGS * RING_SIZE, 0);
+
+/// `MXLB_CONNTRACK`: client → VIP flow → back-end it is pinned to (LRU, so it never fills up).
+#[map(name = "MXLB_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::pinned(CONNTRACK_DEFAULT_SIZE, 0);
+
+/// `MXLB_VIP_STATS`: per-CPU counters indexed by `VipMeta::id`.
+#[map(name = "MXLB_VIP_STATS")]
+pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_VIPS, 0);
+
+/// `MXLB_BE_STATS`: per-CPU counters indexed by back-end id.
+#[map(name = "MXLB_BE_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// `MXLB_REASONS`: per-CPU counters indexed by [`Reason`]: one increment per decision.
+#[map(name = "MXLB_REASONS")]
+pub static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(REASON_SLOTS, 0);
+
+/// `MXLB_CONFIG`: node-wide settings, a single [`LbConfig`] at index 0.
+#[map(name = "MXLB_CONFIG")]
+pub static CONFIG: Array<LbConfig> = Array::pinned(1, 0);
+
+/// Adds one packet of `bytes` (and `new_flows` new flows) to slot `idx` of a counter map.
+#[inline(always)]
+pub fn count(map: &PerCpuArray<Counters>, idx: u32, bytes: u64, new_flows: u64) {
+    if let Some(c) = map.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU; pointer from a map lookup.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += new_flows;
+        }
+    }
+}
+
+/// Counts one decision in [`REASON_STATS`].
+#[inline(always)]
+pub fn count_reason(reason: Reason, bytes: u64) {
+    count(&REASON_STATS, reason as u32, bytes, 0);
+}
