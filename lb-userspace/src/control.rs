@@ -53,6 +53,9 @@ pub struct Controller {
     health: BTreeMap<String, Health>,
     macs: BTreeMap<IpAddr, [u8; 6]>,
     encap: LbConfig,
+    /// Whether MACs and addresses have been read in this process: a plan is never published
+    /// without them (it would address frames to 00:00:00:00:00:00).
+    refreshed: bool,
     last_plan: Option<Plan>,
 }
 
@@ -72,6 +75,7 @@ impl Controller {
             health: BTreeMap::new(),
             macs: BTreeMap::new(),
             encap: LbConfig::default(),
+            refreshed: false,
             last_plan: None,
         })
     }
@@ -99,9 +103,14 @@ impl Controller {
         if self.maps.is_none() {
             return Ok("recorded; it takes effect when `mxlb run` starts".into());
         }
-        // Only a new back-end needs the neighbour table read again (its MAC); everything else
-        // is published at once, well within the 100 ms an operator expects.
-        let report = if matches!(change, Change::BackendAdd { .. }) { self.refresh().await? } else { self.publish()? };
+        // The neighbour table is read when this process has not read it yet (the CLI writing
+        // directly) or a back-end is new (its MAC); otherwise the change is published at once,
+        // well within the 100 ms an operator expects.
+        let report = if !self.refreshed || matches!(change, Change::BackendAdd { .. }) {
+            self.refresh().await?
+        } else {
+            self.publish()?
+        };
         Ok(format!(
             "applied ({} ring slots written, {} tables switched, {} flows flushed)",
             report.ring_slots_written, report.rings_switched, report.flows_flushed
@@ -118,16 +127,14 @@ impl Controller {
         }
         self.encap = self.encap_sources().await;
         self.mark_unaddressable();
-        self.publish()
-    }
-
-    /// Sets observed health and republishes (used by the health prober).
-    pub fn set_health(&mut self, backend: &str, health: Health) -> Result<ApplyReport, ControlError> {
-        self.health.insert(backend.to_string(), health);
+        self.refreshed = true;
         self.publish()
     }
 
     fn publish(&mut self) -> Result<ApplyReport, ControlError> {
+        if !self.refreshed {
+            return Err(ControlError::Io("internal: publish before the first refresh".into()));
+        }
         let p = plan(&self.desired, &self.health, &self.macs, self.encap);
         let Some(maps) = self.maps.as_mut() else { return Ok(ApplyReport::default()) };
         let report = maps.apply(&p)?;

@@ -74,6 +74,13 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), DataplaneError> {
             )));
         }
         info!("mounted bpffs on /sys/fs/bpf");
+        let mnt_ns = |p: &str| std::fs::metadata(p).map(|m| m.ino()).ok();
+        if mnt_ns("/proc/self/ns/mnt") != mnt_ns("/proc/1/ns/mnt") {
+            warn!(
+                "running in a private mount namespace (`ip netns exec`?): what is pinned under \
+                 /sys/fs/bpf vanishes when this process exits; use `mxlb --netns NAME` instead"
+            );
+        }
     }
     std::fs::create_dir_all(dir).map_err(|e| DataplaneError::Bpffs(format!("{}: {e}", dir.display())))?;
     if !is_bpffs(dir) {
@@ -225,7 +232,7 @@ impl Helper {
     /// Where the helper's link is pinned. bpffs is shared by all network namespaces, so the
     /// path carries this namespace's inode: `eth0` in two namespaces are different links.
     pub fn pin_path(self, iface: &str) -> PathBuf {
-        let netns = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0);
+        let netns = std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()).unwrap_or(0);
         PathBuf::from("/sys/fs/bpf/mxlb-helpers").join(format!("{netns}-{iface}-{}", self.program()))
     }
 

@@ -37,6 +37,11 @@ struct Cli {
     /// Configuration file (TOML).
     #[arg(long, short, global = true, env = "MXLB_CONFIG")]
     config: Option<PathBuf>,
+    /// Run in the named network namespace (/run/netns/NAME), like `ip -n`. Unlike
+    /// `ip netns exec`, this keeps the host's /sys/fs/bpf, so pinned maps and links stay visible
+    /// to the next command.
+    #[arg(long, global = true, value_name = "NAME")]
+    netns: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -164,6 +169,13 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(name) = &cli.netns {
+        // Before the runtime exists: threads inherit the namespace they are created in.
+        if let Err(e) = enter_netns(name) {
+            eprintln!("mxlb: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -178,6 +190,21 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Moves this (still single-threaded) process into the network namespace `name`.
+fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    if name.is_empty() || name.contains('/') {
+        bail!("--netns {name:?}: not a namespace name");
+    }
+    let path = Path::new("/run/netns").join(name);
+    let f = std::fs::File::open(&path).with_context(|| format!("--netns {name}: {}", path.display()))?;
+    // SAFETY: setns(2) on a valid namespace fd.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("--netns {name}: setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {

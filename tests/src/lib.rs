@@ -1,1 +1,30 @@
-//! The lab.
+//! The mxlb lab (library name `lab`): see [`lab`] for the rules and [`Lab`] for the topology.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! if !lab::require_root("example") { return Ok(()); }
+//! let lab = lab::Lab::builder().backends(3).build()?;
+//! let b1 = lab.backend(1).addr(lab::AddrFamily::V4);
+//! let r = lab.smtp_source((b1, 25).into(), &lab::SourceOpts { sessions: 50, ..Default::default() })?;
+//! r.assert_ok();
+//! assert_eq!(lab.wait_sessions(50, std::time::Duration::from_secs(10))?[0].sessions, 50);
+//! # Ok(()) }
+//! ```
+
+pub mod lab;
+
+pub use lab::cmd::{CMD_TIMEOUT, Daemon, LineSink, run_bounded, run_checked};
+pub use lab::netns::{
+    LinkInfo, LinkStats, Netns, NetnsGuard, mac_to_string, namespaces_with_prefix,
+};
+pub use lab::root::{in_ci, is_root, require_root, wait_for_interrupt};
+pub use lab::smtp::{
+    SinkCounts, SinkOpts, SmtpSink, SourceOpts, SourceResult, postfix_endpoint, smtp_source,
+};
+pub use lab::topology::{
+    AddrFamily, CLIENT_MTU, HOST_DEV, Host, Lab, LabBuilder, MAX_BACKENDS, PATH_MTU, PeerPort,
+    Role, VIP4, VIP6,
+};
+pub mod frames;
+pub mod node;
+pub mod sessions;

@@ -1,0 +1,193 @@
+//! End to end: real SMTP sessions from Postfix's smtp-source, through `mxlb run` on the LB
+//! node's XDP program, to three smtp-sink back-ends, in network namespaces. Per mode (dsr-l2,
+//! dsr-ipip) and family (IPv4, IPv6):
+//! - 6000 sessions spread by weight (100/200/300) within ±10%, none failing;
+//! - a weight change and a drain made with the CLI mid-run take effect at once, with zero
+//!   failed sessions;
+//! - a back-end removed mid-run: no session to the others fails (each session attributed to
+//!   the back-end that greeted it).
+//! Needs root; skips locally otherwise, fails under CI=true.
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use lab::{
+    AddrFamily, Lab, SinkCounts, SinkOpts, SourceOpts,
+    node::{Mode, MxlbNode, NodeOpts},
+    sessions::{SessionOpts, run_sessions},
+};
+
+/// Labs in this binary run one at a time: on two cores, parallel load runs would measure the
+/// machine, not mxlb.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Sessions per measured run. Flows hash like random draws, so a share's spread is binomial:
+/// 6000 sessions put ±10% of the smallest share (1/6) at 3.5 standard deviations, a test that
+/// fails for a wrong distribution and not for an unlucky one.
+const SESSIONS: u32 = 6000;
+const CONCURRENCY: u32 = 20;
+
+fn source_opts(sessions: u32) -> SourceOpts {
+    SourceOpts {
+        sessions,
+        concurrency: CONCURRENCY,
+        msg_size: 1024,
+        timeout: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+fn counts(lab: &Lab, fam: AddrFamily) -> Vec<SinkCounts> {
+    (1..=lab.backends().len()).map(|i| lab.sink(i).counts_by_family(fam)).collect()
+}
+
+fn diff(after: &[SinkCounts], before: &[SinkCounts]) -> Vec<u64> {
+    after.iter().zip(before).map(|(a, b)| a.sessions - b.sessions).collect()
+}
+
+/// Waits until the sinks of `fam` have seen `total` sessions in all.
+fn wait_total(lab: &Lab, fam: AddrFamily, total: u64) -> Vec<SinkCounts> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let c = counts(lab, fam);
+        let sum: u64 = c.iter().map(|c| c.sessions).sum();
+        if sum >= total || Instant::now() > deadline {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every back-end's share of `got` is within ±10% of its share of `weights`.
+#[track_caller]
+fn assert_weighted(got: &[u64], weights: &[u32], what: &str) {
+    let total: u64 = got.iter().sum();
+    let wsum: u32 = weights.iter().sum();
+    for (i, (g, w)) in got.iter().zip(weights).enumerate() {
+        let expected = total as f64 * *w as f64 / wsum as f64;
+        if *w == 0 {
+            assert_eq!(*g, 0, "{what}: back-end {} has weight 0 but got {g} sessions ({got:?})", i + 1);
+            continue;
+        }
+        let err = (*g as f64 - expected).abs() / expected;
+        assert!(err <= 0.10, "{what}: back-end {} got {g} sessions, expected {expected:.0} ±10% ({got:?})", i + 1);
+    }
+}
+
+/// Runs smtp-source in the background while `during` acts once the sinks have seen `trigger`
+/// more sessions; returns the result and what `during` returned.
+fn run_with<T: Send>(
+    lab: &Lab,
+    fam: AddrFamily,
+    sessions: u32,
+    trigger: u64,
+    during: impl FnOnce() -> T + Send,
+) -> (lab::SourceResult, T) {
+    let base: u64 = counts(lab, fam).iter().map(|c| c.sessions).sum();
+    std::thread::scope(|s| {
+        let load = s.spawn(|| lab.smtp_source(lab.vip_addr(fam, 25), &source_opts(sessions)).expect("smtp-source runs"));
+        wait_total(lab, fam, base + trigger);
+        let t = during();
+        (load.join().expect("load thread"), t)
+    })
+}
+
+fn scenario(mode: Mode, fam: AddrFamily) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let weights = [100, 200, 300];
+    let sinks = SinkOpts { backlog: 1024, ..Default::default() };
+    let lab = Lab::builder().backends(3).sinks(sinks).build().expect("lab");
+    let node = MxlbNode::start(&lab, NodeOpts { mode, weights: weights.to_vec(), ..Default::default() }).expect("mxlb starts");
+    let name = |i| MxlbNode::backend_name(fam, i);
+    let what = format!("{} {fam:?}", mode.as_str());
+
+    // 1. Distribution by weight, no failure.
+    let before = counts(&lab, fam);
+    let r = lab.smtp_source(lab.vip_addr(fam, 25), &source_opts(SESSIONS)).expect("smtp-source");
+    assert!(r.ok(), "{what}: sessions failed: {r:#?}\nagent log:\n{}", node.log());
+    let after = wait_total(&lab, fam, before.iter().map(|c| c.sessions).sum::<u64>() + SESSIONS as u64);
+    let got = diff(&after, &before);
+    assert_eq!(got.iter().sum::<u64>(), SESSIONS as u64, "{what}: every session reached a back-end: {got:?}");
+    assert_weighted(&got, &weights, &format!("{what} distribution"));
+
+    // 2. Mid-run: weight of back-end 1 to 600, then drain back-end 3. Zero failures; the
+    //    drained back-end gets nothing beyond the sessions already in flight.
+    let (r, at_drain) = run_with(&lab, fam, SESSIONS, 800, || {
+        node.cli(&["backend", "weight", &name(1), "600"]).expect("weight change");
+        std::thread::sleep(Duration::from_millis(300));
+        let at_drain = counts(&lab, fam);
+        node.cli(&["backend", "drain", &name(3)]).expect("drain");
+        at_drain
+    });
+    assert!(r.ok(), "{what}: sessions failed during weight change and drain: {r:#?}");
+    let end = wait_total(&lab, fam, after.iter().map(|c| c.sessions).sum::<u64>() + SESSIONS as u64);
+    let to_drained = end[2].sessions - at_drain[2].sessions;
+    assert!(
+        to_drained <= 2 * CONCURRENCY as u64,
+        "{what}: drained back-end received {to_drained} sessions after the drain (more than were in flight)"
+    );
+    // Afterwards the new weights hold: 600:200:drained.
+    let before = counts(&lab, fam);
+    let r = lab.smtp_source(lab.vip_addr(fam, 25), &source_opts(4000)).expect("smtp-source");
+    assert!(r.ok(), "{what}: {r:#?}");
+    let after = wait_total(&lab, fam, before.iter().map(|c| c.sessions).sum::<u64>() + 4000);
+    assert_weighted(&diff(&after, &before), &[600, 200, 0], &format!("{what} after weight change and drain"));
+    node.cli(&["backend", "undrain", &name(3)]).expect("undrain");
+
+    // 3. Mid-run removal of back-end 2: no session answered by back-end 1 or 3 fails; only
+    //    sessions in flight to the removed back-end may. (A per-session client, so each failure
+    //    is attributed to the back-end that greeted it.)
+    let removed_host = lab.backend(2).name();
+    let before = counts(&lab, fam);
+    let opts = SessionOpts { sessions: 2000, concurrency: CONCURRENCY, ..Default::default() };
+    let outcomes = std::thread::scope(|s| {
+        let load = s.spawn(|| run_sessions(lab.client().ns(), lab.vip_addr(fam, 25), &opts).expect("sessions run"));
+        wait_total(&lab, fam, before.iter().map(|c| c.sessions).sum::<u64>() + 500);
+        node.cli(&["backend", "remove", &name(2)]).expect("remove");
+        load.join().expect("load thread")
+    });
+    assert_eq!(outcomes.len(), 2000, "{what}: every session ran");
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.error.is_some()).collect();
+    assert!(
+        failed.iter().all(|o| o.backend.as_deref() == Some(removed_host.as_str())),
+        "{what}: sessions to surviving back-ends failed during the removal: {failed:?}"
+    );
+    assert!(failed.len() <= CONCURRENCY as usize, "{what}: {} failures (> sessions in flight)", failed.len());
+    let after_removal = outcomes.iter().rev().take(500).filter(|o| o.backend.as_deref() == Some(removed_host.as_str())).count();
+    assert_eq!(after_removal, 0, "{what}: the removed back-end still received sessions at the end of the run");
+    let json = node.backends_json().expect("backend list");
+    assert!(json.as_array().unwrap().iter().all(|b| b["name"] != name(2).as_str()), "{json}");
+}
+
+#[test]
+fn dsr_l2_ipv4() {
+    if !lab::require_root("dsr_l2_ipv4") {
+        return;
+    }
+    scenario(Mode::DsrL2, AddrFamily::V4);
+}
+
+#[test]
+fn dsr_l2_ipv6() {
+    if !lab::require_root("dsr_l2_ipv6") {
+        return;
+    }
+    scenario(Mode::DsrL2, AddrFamily::V6);
+}
+
+#[test]
+fn dsr_ipip_ipv4() {
+    if !lab::require_root("dsr_ipip_ipv4") {
+        return;
+    }
+    scenario(Mode::DsrIpip, AddrFamily::V4);
+}
+
+#[test]
+fn dsr_ipip_ipv6() {
+    if !lab::require_root("dsr_ipip_ipv6") {
+        return;
+    }
+    scenario(Mode::DsrIpip, AddrFamily::V6);
+}
