@@ -110,6 +110,16 @@ impl Balancer {
         Ok(Balancer { ebpf, pin_dir: pin_dir.to_path_buf() })
     }
 
+    /// The loaded balancer program (for BPF_PROG_TEST_RUN in benchmarks and tests).
+    pub fn program(&self) -> Result<&Xdp, DataplaneError> {
+        let name = lb_common::PROG_BALANCER;
+        let p = self
+            .ebpf
+            .program(name)
+            .ok_or(DataplaneError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
+        p.try_into().map_err(|source| DataplaneError::Program { name, source })
+    }
+
     fn link_path(&self, iface: &str) -> PathBuf {
         self.pin_dir.join("links").join(iface)
     }

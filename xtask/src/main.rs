@@ -2,8 +2,8 @@
 //!
 //! * `cargo xtask setup` installs what a fresh Debian 12 machine lacks (idempotent).
 //! * `cargo xtask test`  runs `setup`, then the whole test suite (the README's test command).
-//! * `cargo xtask run`   (placeholder) brings up the lab with the load balancer in it.
-//! * `cargo xtask bench` (placeholder) runs a named benchmark in the lab.
+//! * `cargo xtask run`   builds, brings up the lab with `mxlb run` in it and sends SMTP through it.
+//! * `cargo xtask bench NAME` runs a named benchmark (writes target/bench/NAME.json).
 
 mod bench;
 mod run;
@@ -31,12 +31,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Bring up the lab with the load balancer (not yet implemented).
+    /// Build, bring up the lab with `mxlb run` on its LB node, send SMTP through it, show the
+    /// distribution; `-- --config FILE` runs on real interfaces instead.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run the named benchmark in the lab (not yet implemented).
+    /// Run a benchmark (xdp); writes target/bench/NAME.json.
     Bench {
         /// Benchmark name.
         name: String,

@@ -1,0 +1,311 @@
+//! `cargo xtask bench xdp`: the data path's cost per packet through BPF_PROG_TEST_RUN, next to
+//! a trivial XDP_PASS program measured in the same run.
+//!
+//! Method:
+//! - The balancer is loaded and configured by the agent's own code (`Balancer::load`,
+//!   `DataplaneMaps::apply` with a real Maglev plan) in a private network and mount namespace
+//!   with its own bpffs, so nothing on the host is touched. A veth with static neighbours makes
+//!   `bpf_fib_lookup` succeed for dsr-ipip, as on a real node.
+//! - Paths that leave the packet on the same path when run again (pass, non-VIP, established
+//!   dsr-l2 over IPv4 and IPv6) run with `repeat = N`; the kernel reports the mean per run.
+//! - Paths that are not repeatable are run once per call (`repeat = 1`): a SYN must insert a new
+//!   conntrack entry each time (a new source port per call), and dsr-ipip would see its own
+//!   encapsulated output from the second iteration on (the repeat-N trap). A single run carries
+//!   a fixed timer overhead, so the same single-run loop is measured on the trivial program and
+//!   subtracted: figure = median(path, r=1) − median(pass, r=1) + pass_ns(r=N).
+//! - Each figure is the median of several rounds; the machine is shared, so ratios to the
+//!   same-run baseline are what to compare.
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use aya::{
+    EbpfLoader,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use lab::frames::{Eth, Tcp, ip_packet, tcp_flags};
+use lb_common::LbConfig;
+use mxlb::{
+    config::Config,
+    dataplane::Balancer,
+    desired::{Desired, plan},
+    maps::DataplaneMaps,
+};
+
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+const REPEAT: u32 = 1_000_000;
+const ROUNDS: usize = 7;
+const SINGLE_RUNS: usize = 20_000;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const CONFIG: &str = r#"
+[node]
+interfaces = ["lb0"]
+bpffs_dir = "/sys/fs/bpf/bench"
+[[vip]]
+name = "l2"
+address = "198.18.0.100"
+ports = [25]
+mode = "dsr-l2"
+backends = ["b1", "b2", "b3"]
+[[vip]]
+name = "ipip"
+address = "198.18.0.101"
+ports = [25]
+mode = "dsr-ipip"
+backends = ["b1", "b2", "b3"]
+[[vip]]
+name = "l2v6"
+address = "2001:db8::100"
+ports = [25]
+mode = "dsr-l2"
+backends = ["b1v6", "b2v6", "b3v6"]
+[[backend]]
+name = "b1"
+address = "198.18.0.11"
+mac = "02:00:00:00:02:01"
+[[backend]]
+name = "b2"
+address = "198.18.0.12"
+mac = "02:00:00:00:02:02"
+[[backend]]
+name = "b3"
+address = "198.18.0.13"
+mac = "02:00:00:00:02:03"
+[[backend]]
+name = "b1v6"
+address = "2001:db8::11"
+mac = "02:00:00:00:02:01"
+[[backend]]
+name = "b2v6"
+address = "2001:db8::12"
+mac = "02:00:00:00:02:02"
+[[backend]]
+name = "b3v6"
+address = "2001:db8::13"
+mac = "02:00:00:00:02:03"
+"#;
+
+pub fn run() -> Result<()> {
+    if !lab::is_root() {
+        bail!("bench xdp needs root (BPF_PROG_TEST_RUN)");
+    }
+    // All of it on one thread with private namespaces (they die with the thread).
+    let results = std::thread::spawn(measure).join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+    report(&results)
+}
+
+fn sh(cmd: &str) -> Result<()> {
+    let st = std::process::Command::new("sh").args(["-c", cmd]).status()?;
+    ensure!(st.success(), "`{cmd}` failed");
+    Ok(())
+}
+
+fn isolate() -> Result<()> {
+    // SAFETY: unshare/mount on this thread only; the namespaces are released when it exits.
+    unsafe {
+        ensure!(libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) == 0, "unshare: {}", std::io::Error::last_os_error());
+        ensure!(
+            libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) == 0,
+            "mount --make-rprivate /: {}",
+            std::io::Error::last_os_error()
+        );
+        ensure!(
+            libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) == 0,
+            "mount bpffs: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // `ip` runs as a child process: it inherits this thread's namespaces.
+    sh("ip link set lo up \
+        && ip link add lb0 address 02:00:00:00:00:01 type veth peer name nh0 \
+        && ip link set lb0 up && ip link set nh0 up \
+        && ip addr add 198.18.0.2/24 dev lb0 && ip -6 addr add 2001:db8::2/64 dev lb0 nodad \
+        && ip neigh add 198.18.0.11 lladdr 02:00:00:00:02:01 dev lb0 nud permanent \
+        && ip neigh add 198.18.0.12 lladdr 02:00:00:00:02:02 dev lb0 nud permanent \
+        && ip neigh add 198.18.0.13 lladdr 02:00:00:00:02:03 dev lb0 nud permanent")?;
+    std::fs::write("/proc/sys/net/ipv4/conf/lb0/forwarding", "1")?;
+    std::fs::write("/proc/sys/net/ipv6/conf/lb0/forwarding", "1")?;
+    Ok(())
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    ensure!(i != 0, "no interface {name}");
+    Ok(i)
+}
+
+struct Runner<'a> {
+    prog: &'a Xdp,
+    ctx: Vec<u8>,
+}
+
+impl Runner<'_> {
+    fn call(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration, Vec<u8>)> {
+        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = self.ctx.clone();
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        let mut out = vec![0u8; 2048];
+        let r = self
+            .prog
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat, ..Default::default() })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, r.duration, out))
+    }
+
+    /// Mean ns per run with `repeat = REPEAT`; median over rounds.
+    fn repeated(&mut self, frame: &[u8], action: u32) -> Result<f64> {
+        let mut rounds = Vec::new();
+        for _ in 0..ROUNDS {
+            let (ret, d, _) = self.call(frame, REPEAT)?;
+            ensure!(ret == action, "expected action {action}, got {ret}");
+            rounds.push(d.as_nanos() as f64);
+        }
+        Ok(median(rounds))
+    }
+
+    /// ns of single runs over `frames` (cycled); median over all calls.
+    fn single(&mut self, frames: &[Vec<u8>], action: u32) -> Result<f64> {
+        let mut samples = Vec::with_capacity(SINGLE_RUNS);
+        for i in 0..SINGLE_RUNS {
+            let (ret, d, _) = self.call(&frames[i % frames.len()], 1)?;
+            ensure!(ret == action, "expected action {action}, got {ret}");
+            samples.push(d.as_nanos() as f64);
+        }
+        Ok(median(samples))
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn frame(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let (s, d): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let tcp = Tcp::new(sport, dport, flags);
+    Eth::new(LB_MAC, CLIENT_MAC).frame_ip(&ip_packet(s, d, &tcp, &[0u8; 64]))
+}
+
+struct Results {
+    figures: BTreeMap<&'static str, f64>,
+    raw: BTreeMap<&'static str, f64>,
+}
+
+fn measure() -> Result<Results> {
+    isolate()?;
+    let lb0 = ifindex("lb0")?;
+    let config = Config::parse(CONFIG, "bench")?;
+    let bpffs = PathBuf::from("/sys/fs/bpf/bench");
+    let balancer = Balancer::load(&bpffs, 262_144)?;
+    let mut maps = DataplaneMaps::open_pinned(&bpffs)?;
+    let macs = BTreeMap::new();
+    maps.apply(&plan(&Desired::new(config), &BTreeMap::new(), &macs, LbConfig { src_v4: [198, 18, 0, 2], src_v6: [0; 16] }))?;
+
+    let mut pass_obj = EbpfLoader::new()
+        .default_map_pin_directory("/sys/fs/bpf")
+        .map_max_entries(lb_common::MAP_RINGS, 1)
+        .map_max_entries(lb_common::MAP_CONNTRACK, 1)
+        .load(mxlb::EBPF_OBJECT)?;
+    let pass: &mut Xdp = pass_obj.program_mut(lb_common::PROG_PASS).context("pass program")?.try_into()?;
+    pass.load()?;
+    let pass: &Xdp = pass;
+    let ctx: Vec<u8> = [0u32, 0, 0, lb0, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let mut base = Runner { prog: pass, ctx: ctx.clone() };
+    let mut lb = Runner { prog: balancer.program()?, ctx };
+
+    let est_l2 = frame("198.18.1.1", "198.18.0.100", 40000, 25, tcp_flags::ACK);
+    let syn_l2 = |port: u16| frame("198.18.1.1", "198.18.0.100", port, 25, tcp_flags::SYN);
+    let est_ipip = frame("198.18.1.1", "198.18.0.101", 40000, 25, tcp_flags::ACK);
+    let est_v6 = frame("2001:db8:1::1", "2001:db8::100", 40000, 25, tcp_flags::ACK);
+    let nonvip = frame("198.18.1.1", "198.18.0.200", 40000, 25, tcp_flags::ACK);
+
+    // Establish the flows (first packets select and insert).
+    for f in [&syn_l2(40000), &est_ipip, &est_v6] {
+        let (ret, _, out) = lb.call(f, 1)?;
+        ensure!(ret == XDP_TX, "setup packet not forwarded (action {ret})");
+        ensure!(out.len() >= f.len(), "short output");
+    }
+    let (ret, _, out) = lb.call(&est_ipip, 1)?;
+    ensure!(ret == XDP_TX && out.len() == est_ipip.len() + 20, "dsr-ipip path did not encapsulate (action {ret})");
+
+    let mut figures = BTreeMap::new();
+    let mut raw = BTreeMap::new();
+    let pass_ns = base.repeated(&est_l2, XDP_PASS)?;
+    figures.insert("pass_ns", pass_ns);
+    figures.insert("nonvip_ns", lb.repeated(&nonvip, XDP_PASS)?);
+    figures.insert("established_l2_ns", lb.repeated(&est_l2, XDP_TX)?);
+    figures.insert("established_v6_ns", lb.repeated(&est_v6, XDP_TX)?);
+    let pass_single = base.single(std::slice::from_ref(&est_l2), XDP_PASS)?;
+    // A new source port per call: every SYN inserts a new conntrack entry.
+    let syns: Vec<Vec<u8>> = (0..SINGLE_RUNS as u32).map(|i| syn_l2(1024 + (i % 60000) as u16)).collect();
+    let syn_single = lb.single(&syns, XDP_TX)?;
+    let ipip_single = lb.single(std::slice::from_ref(&est_ipip), XDP_TX)?;
+    figures.insert("syn_l2_ns", (syn_single - pass_single + pass_ns).max(0.0));
+    figures.insert("established_ipip_ns", (ipip_single - pass_single + pass_ns).max(0.0));
+    raw.insert("pass_single_run_ns", pass_single);
+    raw.insert("syn_l2_single_run_ns", syn_single);
+    raw.insert("established_ipip_single_run_ns", ipip_single);
+    Ok(Results { figures, raw })
+}
+
+fn report(r: &Results) -> Result<()> {
+    let pass = r.figures["pass_ns"];
+    let rows = [
+        ("pass_ns", "trivial XDP_PASS (baseline, same run)", None),
+        ("nonvip_ns", "non-VIP packet, passed", None),
+        ("established_l2_ns", "established flow, dsr-l2", Some(3.0)),
+        ("syn_l2_ns", "new flow SYN + conntrack insert, dsr-l2", Some(7.0)),
+        ("established_ipip_ns", "established flow, dsr-ipip (FIB lookup)", None),
+        ("established_v6_ns", "established flow, IPv6, dsr-l2", None),
+    ];
+    println!("\nmxlb XDP data path, ns/packet through BPF_PROG_TEST_RUN ({} CPUs, kernel {})", num_cpus(), kernel());
+    println!("{:<44} {:>10} {:>10} {:>8}", "path", "ns/packet", "x pass", "target");
+    for (key, label, target) in rows {
+        let v = r.figures[key];
+        println!(
+            "{:<44} {:>10.1} {:>10.2} {:>8}",
+            label,
+            v,
+            v / pass,
+            target.map(|t: f64| format!("<= {t}x")).unwrap_or_default()
+        );
+    }
+    println!("(single-run paths are corrected by the trivial program's single-run cost: see bench_xdp.rs)");
+    let mut json = serde_json::Map::new();
+    for (k, v) in &r.figures {
+        json.insert((*k).into(), serde_json::json!((v * 10.0).round() / 10.0));
+    }
+    json.insert("established_l2_x_pass".into(), serde_json::json!(((r.figures["established_l2_ns"] / pass) * 100.0).round() / 100.0));
+    json.insert("syn_l2_x_pass".into(), serde_json::json!(((r.figures["syn_l2_ns"] / pass) * 100.0).round() / 100.0));
+    for (k, v) in &r.raw {
+        json.insert((*k).into(), serde_json::json!((v * 10.0).round() / 10.0));
+    }
+    json.insert(
+        "method".into(),
+        serde_json::json!(format!(
+            "BPF_PROG_TEST_RUN; repeat={REPEAT} median of {ROUNDS} rounds for repeatable paths; repeat=1 median of {SINGLE_RUNS} calls minus the trivial program's single-run median plus pass_ns for syn_l2 and dsr-ipip"
+        )),
+    );
+    json.insert("machine".into(), serde_json::json!(format!("{} CPUs, kernel {}", num_cpus(), kernel())));
+    let dir = std::env::var_os("MXLB_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench")));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("xdp.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&serde_json::Value::Object(json))? + "\n")?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+}

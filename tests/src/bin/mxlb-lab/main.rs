@@ -1,0 +1,125 @@
+//! `mxlb-lab`: the lab as a program, for `cargo xtask run` (the demo) and `cargo xtask bench`.
+//! Same topology and helpers as the integration tests (architecture principle 5: one lab).
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use lab::{
+    AddrFamily, Lab, SourceOpts,
+    node::{Mode, MxlbNode, NodeOpts},
+};
+
+mod bench_xdp;
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS]\n       mxlb-lab bench xdp"
+    );
+    std::process::exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => demo(&args[1..]),
+        Some("bench") => match args.get(1).map(String::as_str) {
+            Some("xdp") => bench_xdp::run(),
+            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp)")),
+            None => usage(),
+        },
+        _ => usage(),
+    };
+    if let Err(e) = result {
+        eprintln!("mxlb-lab: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Builds the lab, runs `mxlb run` in it, sends a burst of real SMTP through the VIPs, prints
+/// where it went, and keeps the lab up until Ctrl-C (or `--for SECONDS`).
+fn demo(args: &[String]) -> Result<()> {
+    let mut mode = Mode::DsrL2;
+    let mut sessions = 600u32;
+    let mut hold: Option<Duration> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--mode" => {
+                mode = match it.next().map(String::as_str) {
+                    Some("dsr-l2") => Mode::DsrL2,
+                    Some("dsr-ipip") => Mode::DsrIpip,
+                    _ => bail!("--mode takes dsr-l2 or dsr-ipip"),
+                }
+            }
+            "--sessions" => sessions = it.next().context("--sessions N")?.parse().context("--sessions N")?,
+            "--for" => hold = Some(Duration::from_secs(it.next().context("--for SECONDS")?.parse().context("--for SECONDS")?)),
+            _ => usage(),
+        }
+    }
+    if !lab::is_root() {
+        bail!("the lab needs root (network namespaces, BPF): run as root");
+    }
+    let weights = vec![100, 200, 300];
+    println!("== building the lab: client, LB node, 3 smtp-sink back-ends on one bridge (namespaces)");
+    let lab = Lab::builder().backends(3).build()?;
+    println!("   prefix {}; namespaces: {}", lab.prefix(), lab.namespaces().join(" "));
+    println!("== starting `mxlb run` on the LB node ({}; weights 100/200/300)", mode.as_str());
+    let node = MxlbNode::start(&lab, NodeOpts { mode, weights, ..Default::default() })?;
+    println!("   config {}:\n", node.config_path.display());
+    for line in node.config_text().lines().filter(|l| !l.is_empty()) {
+        println!("   | {line}");
+    }
+    for fam in AddrFamily::ALL {
+        let vip = lab.vip_addr(fam, 25);
+        let per_family = if fam == AddrFamily::V4 { sessions } else { sessions / 2 };
+        println!("\n== smtp-source: {per_family} SMTP sessions from the client to {vip}");
+        let before: Vec<u64> = (1..=3).map(|i| lab.sink(i).counts_by_family(fam).sessions).collect();
+        let r = lab.smtp_source(vip, &SourceOpts { sessions: per_family, concurrency: 20, ..Default::default() })?;
+        let total: u64 = before.iter().sum::<u64>() + r.completed;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let after = loop {
+            let now: Vec<u64> = (1..=3).map(|i| lab.sink(i).counts_by_family(fam).sessions).collect();
+            if now.iter().sum::<u64>() >= total || std::time::Instant::now() > deadline {
+                break now;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        println!(
+            "   {} completed in {:.2} s, {} failed",
+            r.completed,
+            r.elapsed.as_secs_f64(),
+            r.failures()
+        );
+        for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+            let n = a - b;
+            println!(
+                "   back-end {} ({}): {:>5} sessions ({:>5.1}%)  weight {}",
+                i + 1,
+                lab.backend(i + 1).addr(fam),
+                n,
+                100.0 * n as f64 / r.completed.max(1) as f64,
+                [100, 200, 300][i]
+            );
+        }
+    }
+    println!("\n== mxlb backend list\n{}", node.cli(&["backend", "list"])?);
+    println!("== mxlb vip list\n{}", node.cli(&["vip", "list"])?);
+    println!("== mxlb stats (1 s)\n{}", node.cli(&["stats", "--interval", "1"])?);
+    let lb = lab.lb().ns().name().to_string();
+    let client = lab.client().ns().name().to_string();
+    let bin = lab::node::mxlb_bin()?;
+    println!("== the lab stays up; try, in another terminal:");
+    println!("   ip netns exec {lb} {} --config {} backend weight b1 600", bin.display(), node.config_path.display());
+    println!("   ip netns exec {lb} {} --config {} backend drain b3", bin.display(), node.config_path.display());
+    println!("   ip netns exec {client} smtp-source -s 20 -m 1000 -l 1024 {}:25", lab.vip(AddrFamily::V4));
+    println!("   ip netns exec {lb} {} --config {} stats", bin.display(), node.config_path.display());
+    match hold {
+        Some(d) => println!("== holding for {} s (Ctrl-C stops earlier), then cleaning up", d.as_secs()),
+        None => println!("== Ctrl-C stops the agent and removes the lab"),
+    }
+    lab::wait_for_interrupt(hold);
+    println!("== cleaning up");
+    drop(node);
+    drop(lab);
+    println!("== done");
+    Ok(())
+}
