@@ -293,12 +293,24 @@ async fn change(config: Config, change: Change) -> Result<()> {
     Ok(())
 }
 
-async fn list_vips(config: Config, json: bool) -> Result<()> {
+/// Desired state joined with the pinned maps (if any), for the listings.
+fn open_view(config: Config) -> Result<Controller> {
     let maps = open_maps(&config)?;
-    let controller = Controller::open(config, maps)?;
-    let rows = report::vips(controller.desired(), controller.maps())?;
+    Ok(Controller::open(config, maps)?)
+}
+
+/// Prints `rows` as JSON when asked; returns whether it did.
+fn printed_json<T: serde::Serialize>(rows: &T, json: bool) -> Result<bool> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(rows)?);
+    }
+    Ok(json)
+}
+
+async fn list_vips(config: Config, json: bool) -> Result<()> {
+    let view = open_view(config)?;
+    let rows = report::vips(view.desired(), view.maps())?;
+    if printed_json(&rows, json)? {
         return Ok(());
     }
     println!("{:<12} {:<26} {:<9} {:<7} {:<14} {:>12} {:>10}  BACKENDS", "NAME", "ADDRESS", "MODE", "ACTIVE", "PORTS", "PACKETS", "FLOWS");
@@ -322,11 +334,9 @@ async fn list_vips(config: Config, json: bool) -> Result<()> {
 }
 
 async fn list_backends(config: Config, json: bool) -> Result<()> {
-    let maps = open_maps(&config)?;
-    let controller = Controller::open(config, maps)?;
-    let rows = report::backends(controller.desired(), controller.maps())?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+    let view = open_view(config)?;
+    let rows = report::backends(view.desired(), view.maps())?;
+    if printed_json(&rows, json)? {
         return Ok(());
     }
     println!(
@@ -359,8 +369,7 @@ async fn stats(config: Config, interval: f64, json: bool) -> Result<()> {
     tokio::time::sleep(Duration::from_secs_f64(interval)).await;
     let after = report::sample(controller.desired(), &maps)?;
     let rates = report::rates(&before, &after);
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rates)?);
+    if printed_json(&rates, json)? {
         return Ok(());
     }
     for (title, rows) in [("VIP:PORT", &rates.vips), ("BACKEND", &rates.backends), ("DECISION", &rates.reasons)] {

@@ -16,6 +16,8 @@ use crate::Netns;
 /// How one session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
+    /// When the session's connect() was issued.
+    pub started: Instant,
     /// Back-end name from the greeting (None when no greeting arrived).
     pub backend: Option<String>,
     /// None when the message was accepted and QUIT answered.
@@ -69,6 +71,7 @@ pub fn run_sessions(ns: &Netns, target: SocketAddr, opts: &SessionOpts) -> Resul
 }
 
 fn one_session(target: SocketAddr, timeout: Duration, body: &str) -> Outcome {
+    let started = Instant::now();
     let mut backend = None;
     let result = (|| -> std::result::Result<(), String> {
         let stream = TcpStream::connect_timeout(&target, timeout).map_err(|e| format!("connect: {e}"))?;
@@ -97,7 +100,7 @@ fn one_session(target: SocketAddr, timeout: Duration, body: &str) -> Outcome {
         }
         Ok(())
     })();
-    Outcome { backend, error: result.err() }
+    Outcome { started, backend, error: result.err() }
 }
 
 /// Reads one reply (possibly multi-line); returns its last line.

@@ -123,6 +123,17 @@ fn sessions_survive_weight_change_crash_and_restart_and_cli_works_without_agent(
     let after = lab.sink(1).wait_sessions(before.sessions + 1, Duration::from_secs(10)).unwrap();
     assert!(after.sessions > before.sessions + 50, "back-end 1 gets sessions again: {before:?} -> {after:?}");
 
+    // `mxlb stats` reads the data path's counters (no agent needed): the sessions just sent
+    // show up per back-end and as forwarded decisions.
+    let stats: serde_json::Value = serde_json::from_str(&node.cli(&["stats", "--json", "--interval", "0.2"]).unwrap()).unwrap();
+    let total = |list: &str, name: &str, field: &str| -> u64 {
+        stats[list].as_array().unwrap().iter().find(|r| r["name"] == name).map(|r| r["total"][field].as_u64().unwrap()).unwrap_or(0)
+    };
+    assert!(total("backends", "b1", "new_flows") >= 50, "{stats}");
+    assert!(total("backends", "b3", "packets") > 0, "{stats}");
+    assert!(total("vips", "mx:25", "packets") > total("backends", "b1", "packets"), "{stats}");
+    assert!(total("reasons", "forwarded", "packets") >= total("vips", "mx:25", "packets") / 2, "{stats}");
+
     // Restart: the program is replaced on the pinned link, conntrack is reused, and the CLI
     // changes are still in force.
     node.launch().expect("restart");
@@ -191,4 +202,30 @@ fn check_config_names_file_line_and_key() {
         .unwrap();
     assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stdout));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn native_attach_falls_back_to_generic_with_a_warning() {
+    if !lab::require_root("native_attach_falls_back_to_generic_with_a_warning") {
+        return;
+    }
+    // Loopback has no native XDP: `auto` must fall back to generic (skb) mode and say so.
+    let lab = Lab::builder().backends(1).no_sinks().build().expect("lab");
+    let bin = lab::node::mxlb_bin().unwrap();
+    let ns = lab.client().ns().name().to_string();
+    let out = std::process::Command::new(&bin).args(["--netns", &ns, "pass", "attach", "lo"]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("Generic"), "{stdout}");
+    assert!(stderr.contains("falling back to generic"), "{stderr}");
+    let link = lab.client().ns().ip(&["-d", "link", "show", "dev", "lo"]).unwrap();
+    assert!(link.contains("xdpgeneric"), "{link}");
+    let out = std::process::Command::new(&bin).args(["--netns", &ns, "pass", "detach", "lo"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("detached"), "{out:?}");
+    // `native` refuses rather than fall back.
+    let out = std::process::Command::new(&bin).args(["--netns", &ns, "pass", "attach", "lo", "--mode", "native"]).output().unwrap();
+    assert!(!out.status.success(), "native attach on lo must fail: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("attaching to lo"), "{out:?}");
+    let link = lab.client().ns().ip(&["-d", "link", "show", "dev", "lo"]).unwrap();
+    assert!(!link.contains("xdp"), "nothing left attached: {link}");
 }
