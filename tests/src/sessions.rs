@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -48,9 +48,35 @@ impl Default for SessionOpts {
     }
 }
 
-/// Runs `opts.sessions` full SMTP transactions (EHLO, MAIL, RCPT, DATA, QUIT) against `target`
-/// from namespace `ns`, `opts.concurrency` at a time; returns one outcome per session started.
-pub fn run_sessions(ns: &Netns, target: SocketAddr, opts: &SessionOpts) -> Result<Vec<Outcome>> {
+/// Lets another thread follow a run and end it: tests act mid-run after N sessions, then keep
+/// the load going for M more, whatever the machine's speed.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Sessions finished so far.
+    pub done: AtomicU32,
+    /// Set to end the run (sessions in flight finish).
+    pub stop: AtomicBool,
+}
+
+impl Progress {
+    /// Waits (at most `max`) until `n` sessions have finished; returns the count reached.
+    pub fn wait_done(&self, n: u32, max: Duration) -> u32 {
+        let deadline = Instant::now() + max;
+        while self.done.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.done.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs up to `opts.sessions` full SMTP transactions (EHLO, MAIL, RCPT, DATA, QUIT) against
+/// `target` from namespace `ns`, `opts.concurrency` at a time, until `progress.stop` is set;
+/// returns one outcome per session started.
+pub fn run_sessions(ns: &Netns, target: SocketAddr, opts: &SessionOpts, progress: &Progress) -> Result<Vec<Outcome>> {
     let next = AtomicU32::new(0);
     let stop_at = Instant::now() + opts.deadline;
     let body: String = "x".repeat(opts.body_size.max(1));
@@ -60,9 +86,13 @@ pub fn run_sessions(ns: &Netns, target: SocketAddr, opts: &SessionOpts) -> Resul
             s.spawn(|| {
                 // Each worker joins the namespace once; its sockets live there.
                 let Ok(_guard) = ns.enter() else { return };
-                while next.fetch_add(1, Ordering::Relaxed) < opts.sessions && Instant::now() < stop_at {
+                while !progress.stop.load(Ordering::Relaxed)
+                    && next.fetch_add(1, Ordering::Relaxed) < opts.sessions
+                    && Instant::now() < stop_at
+                {
                     let outcome = one_session(target, opts.timeout, &body);
                     results.lock().unwrap_or_else(|e| e.into_inner()).push(outcome);
+                    progress.done.fetch_add(1, Ordering::Relaxed);
                 }
             });
         }

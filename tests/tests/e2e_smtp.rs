@@ -8,14 +8,14 @@
 //!   the back-end that greeted it).
 //! Needs root; skips locally otherwise, fails under CI=true.
 use std::{
-    sync::Mutex,
+    sync::{Mutex, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
 use lab::{
     AddrFamily, Lab, SinkCounts, SinkOpts, SourceOpts,
     node::{Mode, MxlbNode, NodeOpts},
-    sessions::{SessionOpts, run_sessions},
+    sessions::{Progress, SessionOpts, run_sessions},
 };
 
 /// Labs in this binary run one at a time: on two cores, parallel load runs would measure the
@@ -107,65 +107,70 @@ fn scenario(mode: Mode, fam: AddrFamily) {
     let before = settled(&lab, fam);
     let r = lab.smtp_source(lab.vip_addr(fam, 25), &source_opts(SESSIONS)).expect("smtp-source");
     assert!(r.ok(), "{what}: sessions failed: {r:#?}\nagent log:\n{}", node.log());
-    let after = wait_total(&lab, fam, before.iter().map(|c| c.sessions).sum::<u64>() + SESSIONS as u64);
+    wait_total(&lab, fam, before.iter().map(|c| c.sessions).sum::<u64>() + SESSIONS as u64);
+    let after = settled(&lab, fam);
     let got = diff(&after, &before);
     assert_eq!(got.iter().sum::<u64>(), SESSIONS as u64, "{what}: every session reached a back-end: {got:?}");
     assert_weighted(&got, &weights, &format!("{what} distribution"));
 
-    // 2. Mid-run: weight of back-end 1 to 600, then drain back-end 3. Zero failures, and no
-    //    session that started after the drain command returned reaches back-end 3 (per-session
-    //    client: each session is attributed to the back-end that greeted it, with its start time).
+    // 2. Mid-run: weight of back-end 1 to 600, then drain back-end 3; the load goes on for
+    //    1000 more sessions after the drain returns. Zero failures, and no session that started
+    //    after the drain reaches back-end 3 (per-session client: each session is attributed to
+    //    the back-end that greeted it, with its start time).
     let drained_host = lab.backend(3).name();
-    let base: u64 = counts(&lab, fam).iter().map(|c| c.sessions).sum();
-    let opts = SessionOpts { sessions: 3000, concurrency: CONCURRENCY, ..Default::default() };
+    let opts = SessionOpts { sessions: 50_000, concurrency: CONCURRENCY, ..Default::default() };
+    let progress = Progress::default();
     let (outcomes, drained_at) = std::thread::scope(|s| {
-        let load = s.spawn(|| run_sessions(lab.client().ns(), lab.vip_addr(fam, 25), &opts).expect("sessions run"));
-        wait_total(&lab, fam, base + 600);
+        let load = s.spawn(|| run_sessions(lab.client().ns(), lab.vip_addr(fam, 25), &opts, &progress).expect("sessions run"));
+        progress.wait_done(600, Duration::from_secs(60));
         node.cli(&["backend", "weight", &name(1), "600"]).expect("weight change");
-        wait_total(&lab, fam, base + 1200);
+        let n = progress.wait_done(progress.done.load(Relaxed) + 600, Duration::from_secs(60));
         node.cli(&["backend", "drain", &name(3)]).expect("drain");
         let drained_at = Instant::now();
+        progress.wait_done(n.max(progress.done.load(Relaxed)) + 1000, Duration::from_secs(60));
+        progress.stop();
         (load.join().expect("load thread"), drained_at)
     });
-    assert_eq!(outcomes.len(), 3000, "{what}: every session ran");
     let failed: Vec<_> = outcomes.iter().filter(|o| o.error.is_some()).collect();
     assert!(failed.is_empty(), "{what}: sessions failed during the weight change and drain: {failed:?}");
     let late: Vec<_> = outcomes.iter().filter(|o| o.started > drained_at).collect();
-    assert!(late.len() > 500, "{what}: the drain came too late in the run to test it ({} sessions after)", late.len());
+    assert!(late.len() >= 900, "{what}: only {} sessions after the drain", late.len());
     let to_drained = late.iter().filter(|o| o.backend.as_deref() == Some(drained_host.as_str())).count();
     assert_eq!(to_drained, 0, "{what}: {to_drained} sessions started after the drain reached the drained back-end");
     // Afterwards the new weights hold: 600:200:drained.
     let before = settled(&lab, fam);
     let r = lab.smtp_source(lab.vip_addr(fam, 25), &source_opts(4000)).expect("smtp-source");
     assert!(r.ok(), "{what}: {r:#?}");
-    let after = wait_total(&lab, fam, before.iter().map(|c| c.sessions).sum::<u64>() + 4000);
+    wait_total(&lab, fam, before.iter().map(|c| c.sessions).sum::<u64>() + 4000);
+    let after = settled(&lab, fam);
     assert_weighted(&diff(&after, &before), &[600, 200, 0], &format!("{what} after weight change and drain"));
     node.cli(&["backend", "undrain", &name(3)]).expect("undrain");
 
-    // 3. Mid-run removal of back-end 2: no session answered by back-end 1 or 3 fails; only
-    //    sessions in flight to the removed back-end may. (A per-session client, so each failure
-    //    is attributed to the back-end that greeted it.)
+    // 3. Mid-run removal of back-end 2, the load going on for 1000 sessions after it. Only
+    //    sessions in flight at that instant may fail, and only those of the removed back-end
+    //    (greeted by it, or reset before their greeting arrived); every session that started
+    //    after the removal succeeds on back-end 1 or 3.
     let removed_host = lab.backend(2).name();
-    let before = counts(&lab, fam);
-    let opts = SessionOpts { sessions: 2000, concurrency: CONCURRENCY, ..Default::default() };
+    let opts = SessionOpts { sessions: 50_000, concurrency: CONCURRENCY, ..Default::default() };
+    let progress = Progress::default();
     let (outcomes, removed_at) = std::thread::scope(|s| {
-        let load = s.spawn(|| run_sessions(lab.client().ns(), lab.vip_addr(fam, 25), &opts).expect("sessions run"));
-        wait_total(&lab, fam, before.iter().map(|c| c.sessions).sum::<u64>() + 500);
+        let load = s.spawn(|| run_sessions(lab.client().ns(), lab.vip_addr(fam, 25), &opts, &progress).expect("sessions run"));
+        progress.wait_done(500, Duration::from_secs(60));
         node.cli(&["backend", "remove", &name(2)]).expect("remove");
         let removed_at = Instant::now();
+        progress.wait_done(progress.done.load(Relaxed) + 1000, Duration::from_secs(60));
+        progress.stop();
         (load.join().expect("load thread"), removed_at)
     });
-    assert_eq!(outcomes.len(), 2000, "{what}: every session ran");
     let failed: Vec<_> = outcomes.iter().filter(|o| o.error.is_some()).collect();
     assert!(
-        failed.iter().all(|o| o.backend.as_deref() == Some(removed_host.as_str())),
-        "{what}: sessions to surviving back-ends failed during the removal: {failed:?}"
+        failed.iter().all(|o| o.backend.as_deref().is_none_or(|b| b == removed_host) && o.started < removed_at),
+        "{what}: sessions other than those in flight to the removed back-end failed: {failed:?}"
     );
     assert!(failed.len() <= CONCURRENCY as usize, "{what}: {} failures (> sessions in flight)", failed.len());
     let late: Vec<_> = outcomes.iter().filter(|o| o.started > removed_at).collect();
-    assert!(late.len() > 300, "{what}: the removal came too late in the run to test it ({} sessions after)", late.len());
-    let to_removed = late.iter().filter(|o| o.backend.as_deref() == Some(removed_host.as_str())).count();
-    assert_eq!(to_removed, 0, "{what}: {to_removed} sessions started after the removal reached the removed back-end");
+    assert!(late.len() >= 900, "{what}: only {} sessions after the removal", late.len());
+    assert!(late.iter().all(|o| o.error.is_none() && o.backend.as_deref() != Some(removed_host.as_str())), "{what}: a session after the removal failed or reached the removed back-end");
     let json = node.backends_json().expect("backend list");
     assert!(json.as_array().unwrap().iter().all(|b| b["name"] != name(2).as_str()), "{json}");
 }

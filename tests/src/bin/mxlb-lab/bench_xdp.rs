@@ -15,6 +15,9 @@
 //!   subtracted: figure = median(path, r=1) − median(pass, r=1) + pass_ns(r=N).
 //! - Each figure is the median of several rounds; the machine is shared, so ratios to the
 //!   same-run baseline are what to compare.
+//! - Also timed: how long a configuration change takes to reach the maps through the one map
+//!   writer (`apply_weight_change_ms`, the agent's path; `apply_cold_ms`, the CLI writing
+//!   directly with no agent, every ring slot).
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -194,6 +197,7 @@ fn frame(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
 struct Results {
     figures: BTreeMap<&'static str, f64>,
     raw: BTreeMap<&'static str, f64>,
+    apply_ms: BTreeMap<&'static str, f64>,
 }
 
 fn measure() -> Result<Results> {
@@ -202,9 +206,25 @@ fn measure() -> Result<Results> {
     let config = Config::parse(CONFIG, "bench")?;
     let bpffs = PathBuf::from("/sys/fs/bpf/bench");
     let balancer = Balancer::load(&bpffs, 262_144)?;
-    let mut maps = DataplaneMaps::open_pinned(&bpffs)?;
+    let encap = LbConfig { src_v4: [198, 18, 0, 2], src_v6: [0; 16] };
     let macs = BTreeMap::new();
-    maps.apply(&plan(&Desired::new(config), &BTreeMap::new(), &macs, LbConfig { src_v4: [198, 18, 0, 2], src_v6: [0; 16] }))?;
+    let mut desired = Desired::new(config);
+    let mut apply_ms = BTreeMap::new();
+    // How long a change takes to reach the data path through the one map writer: cold (the
+    // CLI writing directly with no agent: every ring slot written) and warm (the agent, which
+    // knows what its rings hold and writes only the slots that change).
+    let mut maps = DataplaneMaps::open_pinned(&bpffs)?;
+    let t = std::time::Instant::now();
+    maps.apply(&plan(&desired, &BTreeMap::new(), &macs, encap))?;
+    apply_ms.insert("apply_cold_ms", t.elapsed().as_secs_f64() * 1e3);
+    let mut warm = Vec::new();
+    for (i, w) in [150u32, 100, 250, 100, 200].iter().enumerate() {
+        desired.apply(&mxlb::desired::Change::Weight { name: format!("b{}", i % 3 + 1), weight: *w })?;
+        let t = std::time::Instant::now();
+        maps.apply(&plan(&desired, &BTreeMap::new(), &macs, encap))?;
+        warm.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    apply_ms.insert("apply_weight_change_ms", median(warm));
 
     let mut pass_obj = EbpfLoader::new()
         .default_map_pin_directory("/sys/fs/bpf")
@@ -250,7 +270,7 @@ fn measure() -> Result<Results> {
     raw.insert("pass_single_run_ns", pass_single);
     raw.insert("syn_l2_single_run_ns", syn_single);
     raw.insert("established_ipip_single_run_ns", ipip_single);
-    Ok(Results { figures, raw })
+    Ok(Results { figures, raw, apply_ms })
 }
 
 fn report(r: &Results) -> Result<()> {
@@ -276,12 +296,19 @@ fn report(r: &Results) -> Result<()> {
         );
     }
     println!("(single-run paths are corrected by the trivial program's single-run cost: see bench_xdp.rs)");
+    println!(
+        "\nconfiguration change to the data path (3 VIPs): weight change by the agent {:.1} ms, cold write (CLI, no agent) {:.1} ms",
+        r.apply_ms["apply_weight_change_ms"], r.apply_ms["apply_cold_ms"]
+    );
     let mut json = serde_json::Map::new();
     for (k, v) in &r.figures {
         json.insert((*k).into(), serde_json::json!((v * 10.0).round() / 10.0));
     }
     json.insert("established_l2_x_pass".into(), serde_json::json!(((r.figures["established_l2_ns"] / pass) * 100.0).round() / 100.0));
     json.insert("syn_l2_x_pass".into(), serde_json::json!(((r.figures["syn_l2_ns"] / pass) * 100.0).round() / 100.0));
+    for (k, v) in &r.apply_ms {
+        json.insert((*k).into(), serde_json::json!((v * 10.0).round() / 10.0));
+    }
     for (k, v) in &r.raw {
         json.insert((*k).into(), serde_json::json!((v * 10.0).round() / 10.0));
     }

@@ -108,10 +108,11 @@ fn demo(args: &[String]) -> Result<()> {
     let client = lab.client().ns().name().to_string();
     let bin = lab::node::mxlb_bin()?;
     println!("== the lab stays up; try, in another terminal:");
-    println!("   ip netns exec {lb} {} --config {} backend weight b1 600", bin.display(), node.config_path.display());
-    println!("   ip netns exec {lb} {} --config {} backend drain b3", bin.display(), node.config_path.display());
+    let mxlb = format!("{} --netns {lb} --config {}", bin.display(), node.config_path.display());
+    println!("   {mxlb} backend weight b1 600");
+    println!("   {mxlb} backend drain b3");
     println!("   ip netns exec {client} smtp-source -s 20 -m 1000 -l 1024 {}:25", lab.vip(AddrFamily::V4));
-    println!("   ip netns exec {lb} {} --config {} stats", bin.display(), node.config_path.display());
+    println!("   {mxlb} stats");
     match hold {
         Some(d) => println!("== holding for {} s (Ctrl-C stops earlier), then cleaning up", d.as_secs()),
         None => println!("== Ctrl-C stops the agent and removes the lab"),
