@@ -267,11 +267,19 @@ impl Helper {
         attach_pinned(prog, iface, mode, &path)
     }
 
-    /// Removes the helper from `iface`; Ok(false) when it was not attached.
+    /// Removes the helper from `iface`; Ok(false) when it was not attached. The helpers' map
+    /// pins go with the last helper link, so nothing is left behind in bpffs.
     pub fn detach(self, iface: &str) -> Result<bool, DataplaneError> {
         let path = self.pin_path(iface);
         let was = path.exists();
         detach_pinned(&path)?;
+        let dir = path.parent().expect("pin path has a parent");
+        let links_left = std::fs::read_dir(dir)
+            .map(|entries| entries.flatten().any(|e| e.file_name() != "maps"))
+            .unwrap_or(true);
+        if !links_left {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         Ok(was)
     }
 }
