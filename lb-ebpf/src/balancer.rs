@@ -2,15 +2,14 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    Backend, FlowKey, FlowState, MAX_RINGS, RING_SIZE, Reason, VipKey, VipMeta, flow_hash, mode,
-    state,
+    Backend, FlowState, MAX_RINGS, RING_SIZE, Reason, VipMeta, flow_hash_words, mode, state,
 };
 
 use crate::{
     encap,
     maps::{BACKEND_STATS, BACKENDS, CONNTRACK, RINGS, VIP_STATS, VIPS, count, count_reason},
     parse::{
-        ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, Res, TCP_ACK, TCP_RST, TCP_SYN, Verdict, frame_len,
+        ETH_P_IP, ETH_P_IPV6, Key, Res, TCP_ACK, TCP_RST, TCP_SYN, Verdict, VipKeyWords, frame_len,
         parse_l2, parse_v4, parse_v6, ptr_at,
     },
 };
@@ -29,9 +28,12 @@ pub fn run(ctx: &XdpContext) -> u32 {
 /// The chosen back-end.
 struct Choice {
     id: u32,
-    backend: Backend,
+    /// Its `MXLB_BACKENDS` entry (map memory; not copied: only a few bytes of it are needed).
+    backend: *const Backend,
     /// The ring picked it (as opposed to conntrack).
     new_flow: bool,
+    /// The flow hash, when the ring was consulted (0 otherwise: conntrack hits skip it).
+    hash: u32,
 }
 
 #[inline(always)]
@@ -43,17 +45,12 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
         _ => return Ok(Verdict::pass(Reason::PassNonIp)),
     };
     // Port 0 is the address-level marker, never a VIP:port.
-    if pkt.key.dport == 0 {
+    if pkt.key.dport() == 0 {
         return Ok(Verdict::pass(Reason::PassNonVip));
     }
     // For ICMP errors the VIP is the quoted packet's source, i.e. the reversed key's dst.
-    let vkey = VipKey {
-        addr: pkt.key.dst,
-        port: pkt.key.dport,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let meta: VipMeta = match VIPS.get_ptr(&vkey) {
+    let vkey = VipKeyWords::tcp(pkt.key.dst(), pkt.key.dport());
+    let meta: VipMeta = match VIPS.get_ptr(vkey.vip_key()) {
         // SAFETY: pointer from a successful map lookup.
         Some(m) => unsafe { *m },
         None => return Ok(Verdict::pass(Reason::PassNonVip)),
@@ -68,8 +65,7 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
 
     let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = pkt.tcp_flags & TCP_RST != 0;
-    let hash = flow_hash(&pkt.key);
-    let choice = match choose(&pkt.key, &meta, hash, syn, !rst && !pkt.icmp) {
+    let choice = match choose(&pkt.key, &meta, syn, !rst && !pkt.icmp) {
         Ok(c) => c,
         Err(v) => {
             count(&VIP_STATS, meta.id, len, 0);
@@ -78,8 +74,14 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
     };
 
     let v = if meta.mode == mode::DSR_L2 {
-        rewrite_l2(ctx, &choice.backend)
+        rewrite_l2(ctx, choice.backend)
     } else {
+        // Only an IPv6 outer header (flow label) needs the hash; the ring may have computed it.
+        let hash = if choice.new_flow || encap::outer_v4(choice.backend) {
+            choice.hash
+        } else {
+            flow_hash_words(&pkt.key.0)
+        };
         let job = encap::Job {
             vlan: l2.vlan,
             v6: pkt.v6,
@@ -112,20 +114,23 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
 }
 
 /// Conntrack first (unless SYN), else the VIP's ring; `insert` stores a ring choice.
+///
+/// The flow hash is only computed for the ring: an established flow never needs it (dsr-l2).
 #[inline(always)]
-fn choose(key: &FlowKey, meta: &VipMeta, hash: u32, syn: bool, insert: bool) -> Res<Choice> {
+fn choose(key: &Key, meta: &VipMeta, syn: bool, insert: bool) -> Res<Choice> {
     if !syn {
-        if let Some(st) = CONNTRACK.get_ptr(key) {
+        if let Some(st) = CONNTRACK.get_ptr(key.flow_key()) {
             // SAFETY: pointer from a successful map lookup.
             let id = unsafe { (*st).backend };
             if let Some(b) = BACKENDS.get_ptr(id) {
                 // SAFETY: as above.
-                let backend = unsafe { *b };
-                if backend.state == state::UP || backend.state == state::DRAINING {
+                let st = unsafe { (*b).state };
+                if st == state::UP || st == state::DRAINING {
                     return Ok(Choice {
                         id,
-                        backend,
+                        backend: b,
                         new_flow: false,
+                        hash: 0,
                     });
                 }
             }
@@ -135,6 +140,7 @@ fn choose(key: &FlowKey, meta: &VipMeta, hash: u32, syn: bool, insert: bool) -> 
     if meta.ring >= MAX_RINGS {
         return Err(no_backend);
     }
+    let hash = flow_hash_words(&key.0);
     let slot = meta.ring * RING_SIZE + hash % RING_SIZE;
     let id = match RINGS.get_ptr(slot) {
         // SAFETY: pointer from a successful map lookup.
@@ -145,11 +151,11 @@ fn choose(key: &FlowKey, meta: &VipMeta, hash: u32, syn: bool, insert: bool) -> 
         return Err(no_backend);
     }
     let backend = match BACKENDS.get_ptr(id) {
-        // SAFETY: as above.
-        Some(b) => unsafe { *b },
+        Some(b) => b,
         None => return Err(no_backend),
     };
-    if backend.state != state::UP {
+    // SAFETY: as above.
+    if unsafe { (*backend).state } != state::UP {
         return Err(no_backend);
     }
     if insert {
@@ -158,19 +164,22 @@ fn choose(key: &FlowKey, meta: &VipMeta, hash: u32, syn: bool, insert: bool) -> 
             vip: meta.id,
         };
         // Failure (e.g. -ENOMEM) only costs stickiness; the packet is still forwarded.
-        let _ = CONNTRACK.insert(key, &st, 0);
+        let _ = CONNTRACK.insert(key.flow_key(), &st, 0);
     }
     Ok(Choice {
         id,
         backend,
         new_flow: true,
+        hash,
     })
 }
 
 /// dsr-l2: destination MAC = back-end, source MAC = our own (the frame's old destination).
 #[inline(always)]
-fn rewrite_l2(ctx: &XdpContext, backend: &Backend) -> Verdict {
-    if backend.mac == [0u8; 6] {
+fn rewrite_l2(ctx: &XdpContext, backend: *const Backend) -> Verdict {
+    // SAFETY: pointer from a successful map lookup.
+    let mac = unsafe { (*backend).mac };
+    if mac == [0u8; 6] {
         return Verdict::drop(Reason::DropNoRoute);
     }
     match ptr_at::<[u8; 12]>(ctx, 0) {
@@ -178,7 +187,7 @@ fn rewrite_l2(ctx: &XdpContext, backend: &Backend) -> Verdict {
             // SAFETY: bounds checked by ptr_at.
             unsafe {
                 let old = *p;
-                let m = backend.mac;
+                let m = mac;
                 *p = [
                     m[0], m[1], m[2], m[3], m[4], m[5], old[0], old[1], old[2], old[3], old[4],
                     old[5],

@@ -19,13 +19,13 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use lb_common::Reason;
+use lb_common::{Backend, Reason};
 
 use crate::{
     maps::{BACKENDS, CONFIG},
     parse::{
         ETH_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, IPV6_LEN,
-        VLAN_LEN, Verdict, ptr_at,
+        MAPPED_W2, VLAN_LEN, Verdict, ptr_at,
     },
 };
 
@@ -44,7 +44,7 @@ pub struct Job {
     pub tos: u8,
     /// Length of the inner IP packet.
     pub ip_len: u16,
-    /// Flow hash (IPv6 flow label).
+    /// Flow hash: the IPv6 outer flow label (may be 0 for an IPv4 outer header: not computed).
     pub hash: u32,
     /// Chosen back-end id (looked up again here: map memory is word-aligned, so addresses are
     /// handled as four `u32` words instead of sixteen spilled bytes).
@@ -61,8 +61,13 @@ pub fn ipip(ctx: &XdpContext, job: &Job, out: &mut Verdict) {
     *out = ipip_inner(ctx, job);
 }
 
-/// IPv4-mapped prefix word 2 (`00 00 ff ff`) in memory order.
-const MAPPED_W2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+/// Whether the back-end's address is IPv4(-mapped), i.e. the outer header is IPv4.
+#[inline(always)]
+pub fn outer_v4(be: *const Backend) -> bool {
+    // SAFETY: `be` points to a map value (8-byte aligned) and Backend.addr is at offset 0.
+    let dst = unsafe { &*(be as *const [u32; 4]) };
+    dst[0] == 0 && dst[1] == 0 && dst[2] == MAPPED_W2
+}
 
 #[inline(always)]
 fn ipip_inner(ctx: &XdpContext, job: &Job) -> Verdict {

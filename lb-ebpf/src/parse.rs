@@ -147,30 +147,94 @@ pub fn parse_l2(ctx: &XdpContext) -> Res<L2> {
     }
 }
 
-/// IPv4-mapped form of an IPv4 address (the map encoding).
+/// A [`FlowKey`] held as its ten 32-bit words in memory order, 8-byte aligned.
+///
+/// Why words: the packet and the header structs have alignment 1, so a `FlowKey` assembled
+/// from byte arrays is built, copied and hashed one byte at a time (plus `memset` calls for
+/// the IPv4-mapped zeros), several dozen BPF instructions per packet. Words 0..4 are the client
+/// address, 4..8 the VIP address, 8 is `sport | dport << 16` (both still in network order, as
+/// they sit in the packet), 9 the protocol (padding zero).
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct Key(pub [u32; 10]);
+
+impl Key {
+    /// The key as the map type.
+    #[inline(always)]
+    pub fn flow_key(&self) -> &FlowKey {
+        // SAFETY: same size (40 bytes), stricter alignment; FlowKey is plain integers.
+        unsafe { &*(self as *const Key as *const FlowKey) }
+    }
+
+    /// The VIP (destination) address.
+    #[inline(always)]
+    pub fn dst(&self) -> [u32; 4] {
+        [self.0[4], self.0[5], self.0[6], self.0[7]]
+    }
+
+    /// The destination port in memory order (`FlowKey::dport`), as the low half of a word.
+    #[inline(always)]
+    pub fn dport(&self) -> u32 {
+        self.0[8] >> 16
+    }
+}
+
+/// A [`VipKey`] held as five 32-bit words (see [`Key`] for why): the address, then
+/// `port | proto << 16` (padding zero).
+#[repr(C, align(8))]
+pub struct VipKeyWords([u32; 5]);
+
+impl VipKeyWords {
+    /// TCP `port` (memory order, low half) on `addr`; port 0 is the address-level marker.
+    #[inline(always)]
+    pub fn tcp(addr: [u32; 4], port: u32) -> Self {
+        Self([
+            addr[0],
+            addr[1],
+            addr[2],
+            addr[3],
+            port | (IPPROTO_TCP as u32) << 16,
+        ])
+    }
+
+    /// The key as the map type.
+    #[inline(always)]
+    pub fn vip_key(&self) -> &VipKey {
+        // SAFETY: VipKey is the first 20 of these 24 bytes, plain integers, alignment 2 ≤ 8.
+        unsafe { &*(self as *const VipKeyWords as *const VipKey) }
+    }
+}
+
+/// Word 2 of an IPv4-mapped address (`00 00 ff ff`) in memory order.
+pub const MAPPED_W2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// IPv4-mapped form of an IPv4 address (the map encoding), as words.
 #[inline(always)]
-pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+pub fn v4_mapped(a: [u8; 4]) -> [u32; 4] {
+    [0, 0, MAPPED_W2, u32::from_ne_bytes(a)]
+}
+
+/// A 16-byte address as words in memory order.
+#[inline(always)]
+pub fn addr_words(a: &[u8; 16]) -> [u32; 4] {
     [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
     ]
 }
 
 /// Whether `addr` carries the address-level VIP marker (`port 0, proto 6`).
 #[inline(always)]
-pub fn is_vip_addr(addr: [u8; 16]) -> bool {
-    let key = VipKey {
-        addr,
-        port: 0,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    VIPS.get_ptr(&key).is_some()
+pub fn is_vip_addr(addr: [u32; 4]) -> bool {
+    VIPS.get_ptr(VipKeyWords::tcp(addr, 0).vip_key()).is_some()
 }
 
 /// A TCP packet (or an ICMP error quoting one) that may belong to a VIP.
 pub struct Pkt {
     /// Client → VIP direction of the flow (reversed from the quoted header for ICMP errors).
-    pub key: FlowKey,
+    pub key: Key,
     /// TCP flags (0 for ICMP errors).
     pub tcp_flags: u8,
     /// An ICMP error about the flow rather than a segment of it.
@@ -185,20 +249,25 @@ pub struct Pkt {
 
 /// Flow key from the first four bytes of a TCP header (`ports`), reversed for ICMP quotes.
 #[inline(always)]
-fn flow_key(src: [u8; 16], dst: [u8; 16], ports: [u8; 4], reversed: bool) -> FlowKey {
-    let (sport, dport) = if reversed {
-        ([ports[2], ports[3]], [ports[0], ports[1]])
-    } else {
-        ([ports[0], ports[1]], [ports[2], ports[3]])
-    };
-    FlowKey {
-        src,
-        dst,
-        sport: u16::from_ne_bytes(sport),
-        dport: u16::from_ne_bytes(dport),
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    }
+fn flow_key(src: [u32; 4], dst: [u32; 4], ports: [u8; 4], reversed: bool) -> Key {
+    let ports = u32::from_ne_bytes(ports);
+    Key([
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        // Memory order: the halves are (sport, dport); a quoted header has them swapped.
+        if reversed {
+            ports.rotate_left(16)
+        } else {
+            ports
+        },
+        IPPROTO_TCP as u32,
+    ])
 }
 
 /// Parses an IPv4 packet at `l3` up to the flow key.
@@ -298,7 +367,7 @@ pub fn parse_v6(ctx: &XdpContext, l3: usize) -> Res<Pkt> {
             }
             let t: *const [u8; TCP_LEN] = ptr_at(ctx, l4).ok_or(malformed)?;
             let (ports, flags) = unsafe { ([(*t)[0], (*t)[1], (*t)[2], (*t)[3]], (*t)[13]) };
-            let (src, dst) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
+            let (src, dst) = unsafe { (addr_words(&(*ip).src_addr), addr_words(&(*ip).dst_addr)) };
             Ok(Pkt {
                 key: flow_key(src, dst, ports, false),
                 tcp_flags: flags,
@@ -323,7 +392,12 @@ pub fn parse_v6(ctx: &XdpContext, l3: usize) -> Res<Pkt> {
             }
             let p: *const [u8; 4] = ptr_at(ctx, l4 + ICMP_LEN + IPV6_LEN).ok_or(malformed)?;
             // The quoted packet went VIP → client: reverse it to get the client → VIP flow.
-            let (vip, client) = unsafe { ((*inner).src_addr, (*inner).dst_addr) };
+            let (vip, client) = unsafe {
+                (
+                    addr_words(&(*inner).src_addr),
+                    addr_words(&(*inner).dst_addr),
+                )
+            };
             Ok(Pkt {
                 key: flow_key(client, vip, unsafe { *p }, true),
                 tcp_flags: 0,
@@ -333,8 +407,8 @@ pub fn parse_v6(ctx: &XdpContext, l3: usize) -> Res<Pkt> {
                 tos,
             })
         }
-        IPPROTO_FRAGMENT => Err(fragment(unsafe { (*ip).dst_addr })),
-        nh if is_ipv6_ext(nh) => Err(if is_vip_addr(unsafe { (*ip).dst_addr }) {
+        IPPROTO_FRAGMENT => Err(fragment(addr_words(unsafe { &(*ip).dst_addr }))),
+        nh if is_ipv6_ext(nh) => Err(if is_vip_addr(addr_words(unsafe { &(*ip).dst_addr })) {
             Verdict::pass(Reason::PassIpv6Ext)
         } else {
             Verdict::pass(Reason::PassNonVip)
@@ -345,7 +419,7 @@ pub fn parse_v6(ctx: &XdpContext, l3: usize) -> Res<Pkt> {
 
 /// Verdict for a fragment sent to `dst`.
 #[inline(always)]
-fn fragment(dst: [u8; 16]) -> Verdict {
+fn fragment(dst: [u32; 4]) -> Verdict {
     if is_vip_addr(dst) {
         Verdict::drop(Reason::DropFragment)
     } else {
