@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    os::fd::AsFd as _,
     path::Path,
 };
 
@@ -56,6 +57,8 @@ pub struct DataplaneMaps {
     vips: BpfHashMap<MapData, VipKey, VipMeta>,
     backends: Array<MapData, Backend>,
     rings: Array<MapData, u32>,
+    /// A second handle on the rings for batch writes ([`update_batch`]).
+    rings_raw: MapData,
     conntrack: BpfHashMap<MapData, FlowKey, FlowState>,
     vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -98,6 +101,10 @@ impl DataplaneMaps {
             vips: open(dir, lb_common::MAP_VIPS)?,
             backends: open(dir, lb_common::MAP_BACKENDS)?,
             rings: open(dir, lb_common::MAP_RINGS)?,
+            rings_raw: {
+                let path = dir.join(lb_common::MAP_RINGS);
+                MapData::from_pin(&path).map_err(|source| MapsError::Open { path: path.display().to_string(), source })?
+            },
             conntrack: open(dir, lb_common::MAP_CONNTRACK)?,
             vip_stats: open(dir, lb_common::MAP_VIP_STATS)?,
             backend_stats: open(dir, lb_common::MAP_BACKEND_STATS)?,
@@ -250,20 +257,26 @@ impl DataplaneMaps {
         Ok(report)
     }
 
-    /// Writes a ring, skipping slots known to hold the right value already.
+    /// Writes a ring, skipping slots known to hold the right value already, in one batch.
     fn write_ring(&mut self, ring: u32, table: Vec<u32>) -> Result<usize, MapsError> {
         let base = ring * RING_SIZE;
         let old = self.ring_cache.remove(&ring);
-        let mut written = 0;
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
         for (slot, id) in table.iter().enumerate() {
             if old.as_ref().is_some_and(|o| o[slot] == *id) {
                 continue;
             }
-            self.rings.set(base + slot as u32, *id, 0).map_err(access("rings"))?;
-            written += 1;
+            keys.push(base + slot as u32);
+            values.push(*id);
+        }
+        if update_batch(self.rings_raw.fd().as_fd(), &keys, &values).is_err() {
+            // A kernel without batch operations (before 5.6): one update per slot.
+            for (k, v) in keys.iter().zip(&values) {
+                self.rings.set(*k, *v, 0).map_err(access("rings"))?;
+            }
         }
         self.ring_cache.insert(ring, table);
-        Ok(written)
+        Ok(keys.len())
     }
 
     /// Reads one ring (for tests and diagnostics).
@@ -323,6 +336,50 @@ impl DataplaneMaps {
             .map(|r| Ok((*r, Self::sum(&self.reasons, *r as u32, "reasons")?)))
             .collect()
     }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` on an array of `u32`: many slots in one syscall.
+///
+/// Written by hand because aya 0.14 exposes no batch operations, and a Maglev table written one
+/// `bpf(BPF_MAP_UPDATE_ELEM)` at a time costs ~50 ms (65537 syscalls), which would put a
+/// CLI change without an agent, or an agent's first table, over the 100 ms an operator expects.
+fn update_batch(fd: std::os::fd::BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    /// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    assert_eq!(keys.len(), values.len());
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: attr points at key/value arrays that outlive the call; the kernel reads
+        // `count` elements of each and writes back how many it processed.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>())
+        };
+        if rc < 0 && attr.count == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
 }
 
 fn unused_backend() -> Backend {
