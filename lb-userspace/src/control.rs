@@ -120,12 +120,28 @@ impl Controller {
     /// Re-reads what the plan depends on in the kernel (MACs, interface addresses), plans,
     /// and writes the maps. Cheap when nothing changed.
     pub async fn refresh(&mut self) -> Result<ApplyReport, ControlError> {
-        let addrs: Vec<IpAddr> = self.desired.config.backends.iter().map(|b| b.address).collect();
-        match neighbours::resolve_macs(&addrs, Duration::from_millis(500)).await {
-            Ok(m) => self.macs = m,
-            Err(e) => warn!(error = %e, "cannot read the neighbour table"),
+        let observed = self.observation().observe().await;
+        self.apply_observed(observed)
+    }
+
+    /// What [`Controller::refresh`] must look up, detached from `self` so a long-running
+    /// owner can do the slow part (resolving an unreachable back-end waits up to 500 ms)
+    /// without holding the controller, and CLI changes are not held up meanwhile.
+    pub fn observation(&self) -> Observation {
+        Observation {
+            backends: self.desired.config.backends.iter().map(|b| b.address).collect(),
+            node: self.config.node.clone(),
         }
-        self.encap = self.encap_sources().await;
+    }
+
+    /// Publishes with freshly observed MACs and addresses.
+    pub fn apply_observed(&mut self, observed: Observed) -> Result<ApplyReport, ControlError> {
+        // Merged, not replaced: a back-end added (and resolved) while this observation was
+        // being made keeps its MAC; a changed MAC is overwritten by the newer reading.
+        if let Some(macs) = observed.macs {
+            self.macs.extend(macs);
+        }
+        self.encap = observed.encap;
         self.mark_unaddressable();
         self.refreshed = true;
         self.publish()
@@ -168,8 +184,32 @@ impl Controller {
         }
     }
 
-    async fn encap_sources(&self) -> LbConfig {
-        let n = &self.config.node;
+}
+
+/// The kernel state a plan depends on, to be looked up ([`Observation::observe`]).
+pub struct Observation {
+    backends: Vec<IpAddr>,
+    node: crate::config::NodeConfig,
+}
+
+/// Result of [`Observation::observe`].
+pub struct Observed {
+    /// None when the neighbour table could not be read (the last known MACs are kept).
+    macs: Option<BTreeMap<IpAddr, [u8; 6]>>,
+    encap: LbConfig,
+}
+
+impl Observation {
+    /// Back-end MACs (resolving missing ones) and the dsr-ipip outer sources.
+    pub async fn observe(self) -> Observed {
+        let macs = match neighbours::resolve_macs(&self.backends, Duration::from_millis(500)).await {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(error = %e, "cannot read the neighbour table");
+                None
+            }
+        };
+        let n = &self.node;
         let (mut v4, mut v6) = (n.encap_source_v4, n.encap_source_v6);
         if v4.is_none() || v6.is_none() {
             if let Some(iface) = n.interfaces.first() {
@@ -179,10 +219,11 @@ impl Controller {
                 }
             }
         }
-        LbConfig {
+        let encap = LbConfig {
             src_v4: v4.map(|a| a.octets()).unwrap_or_default(),
             src_v6: v6.map(|a| a.octets()).unwrap_or_default(),
-        }
+        };
+        Observed { macs, encap }
     }
 }
 

@@ -457,7 +457,10 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
                 tokio::select! {
                     _ = rx.changed() => break,
                     _ = tick.tick() => {
-                        if let Err(e) = controller.lock().await.refresh().await {
+                        // Look up outside the lock: CLI changes are not held up meanwhile.
+                        let observation = controller.lock().await.observation();
+                        let observed = observation.observe().await;
+                        if let Err(e) = controller.lock().await.apply_observed(observed) {
                             warn!(error = %e, "refresh failed");
                         }
                     }
