@@ -26,6 +26,9 @@ pub const MAX_WEIGHT: u32 = 1000;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub node: NodeConfig,
+    /// Back-end health probing (defaults apply when the section is absent).
+    #[serde(default)]
+    pub health: HealthConfig,
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
     #[serde(default, rename = "backend")]
@@ -71,6 +74,66 @@ pub enum XdpModeSetting {
     Generic,
 }
 
+/// How back-ends are probed. A back-end is marked down after `fall` consecutive failed probes
+/// and up again after `rise` consecutive good ones (HAProxy's and pingora's model), so one lost
+/// probe does not flap it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Time between probes of one back-end (100 ms to 60 s).
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    /// Bound on one whole probe: connect, greeting, every reply (10 ms to 60 s).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive good probes to mark a down back-end up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failed probes to mark an up back-end down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval_ms: default_interval_ms(),
+            timeout_ms: default_timeout_ms(),
+            rise: default_rise(),
+            fall: default_fall(),
+        }
+    }
+}
+
+fn default_interval_ms() -> u64 {
+    1000
+}
+fn default_timeout_ms() -> u64 {
+    1000
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// Which probe a VIP's back-ends get (`check` key of a `[[vip]]`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckSetting {
+    /// No probing: back-ends are taken as up.
+    None,
+    /// TCP connect only.
+    Tcp,
+    /// 220 greeting, EHLO → 250, QUIT.
+    Smtp,
+    /// +OK greeting, QUIT.
+    Pop3,
+    /// `* OK` greeting, LOGOUT.
+    Imap,
+}
+
 /// One virtual address with the ports it balances over one back-end pool.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +145,25 @@ pub struct VipConfig {
     /// Names of `[[backend]]` entries; empty for `local` mode.
     #[serde(default)]
     pub backends: Vec<String>,
+    /// Probe for this VIP's back-ends, sent to each back-end's address on the VIP's first
+    /// port. Default: by that port (25/587/2525 smtp, 110 pop3, 143 imap, else tcp).
+    #[serde(default)]
+    pub check: Option<CheckSetting>,
+}
+
+impl VipConfig {
+    /// The probe this VIP's back-ends get, if any (`local` VIPs have no back-ends to probe).
+    pub fn check(&self) -> CheckSetting {
+        if self.mode == ForwardingMode::Local {
+            return CheckSetting::None;
+        }
+        self.check.unwrap_or(match self.ports.first() {
+            Some(25 | 587 | 2525) => CheckSetting::Smtp,
+            Some(110) => CheckSetting::Pop3,
+            Some(143) => CheckSetting::Imap,
+            _ => CheckSetting::Tcp,
+        })
+    }
 }
 
 /// How packets for a VIP reach a back-end (see `lb_common::mode`).
@@ -309,6 +391,19 @@ impl Config {
                 KeyPath::new("node").key("conntrack_size"),
                 format!("{} is out of range (1024 to 67108864)", n.conntrack_size),
             );
+        }
+
+        let h = &self.health;
+        if !(100..=60_000).contains(&h.interval_ms) {
+            p(KeyPath::new("health").key("interval_ms"), format!("{} is out of range (100 to 60000)", h.interval_ms));
+        }
+        if !(10..=60_000).contains(&h.timeout_ms) {
+            p(KeyPath::new("health").key("timeout_ms"), format!("{} is out of range (10 to 60000)", h.timeout_ms));
+        }
+        for (key, v) in [("rise", h.rise), ("fall", h.fall)] {
+            if !(1..=100).contains(&v) {
+                p(KeyPath::new("health").key(key), format!("{v} is out of range (1 to 100)"));
+            }
         }
 
         let mut backend_names = HashMap::new();
@@ -697,6 +792,22 @@ mac = "02:00:00:00:00:0b"
         assert_eq!(e[0].key, "backend[0].address");
         let e = errors(&GOOD.replace("mac = \"02:00:00:00:00:0b\"", "mac = \"02:00:00\""));
         assert_eq!(e[0].key, "backend[1].mac", "{e:?}");
+    }
+
+    #[test]
+    fn health_defaults_checks_and_ranges() {
+        let c = Config::parse(GOOD, "test.toml").unwrap();
+        assert_eq!((c.health.interval_ms, c.health.timeout_ms, c.health.rise, c.health.fall), (1000, 1000, 2, 3));
+        assert_eq!(c.vips[0].check(), CheckSetting::Smtp, "port 25 gets the SMTP probe");
+        let text = format!("{GOOD}\n[health]\ninterval_ms = 50\nfall = 0\n");
+        let e = errors(&text);
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["health.interval_ms", "health.fall"], "{e:?}");
+        assert_eq!((e[0].line, e[1].line), (23, 24), "{e:?}");
+        let text = GOOD.replace("mode = \"dsr-l2\"", "mode = \"dsr-l2\"\ncheck = \"none\"");
+        assert_eq!(Config::parse(&text, "t").unwrap().vips[0].check(), CheckSetting::None);
+        let e = errors(&GOOD.replace("mode = \"dsr-l2\"", "mode = \"dsr-l2\"\ncheck = \"http\""));
+        assert_eq!(e[0].key, "vip[0].check", "{e:?}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! the maps through `maps::DataplaneMaps::apply`. A file lock in the state directory serialises
 //! the two cases.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -48,9 +48,11 @@ pub struct Controller {
     config: Config,
     desired: Desired,
     maps: Option<DataplaneMaps>,
-    /// Observed health (issue: health prober). Back-ends of dsr-l2 VIPs without a MAC are
-    /// held down here until their MAC is known: frames cannot be addressed to them.
-    health: BTreeMap<String, Health>,
+    /// Health as the prober last decided it (absent = up).
+    probed: BTreeMap<String, Health>,
+    /// Back-ends of dsr-l2 VIPs with no known MAC: held down until it is known, since frames
+    /// cannot be addressed to them.
+    unaddressable: BTreeSet<String>,
     macs: BTreeMap<IpAddr, [u8; 6]>,
     encap: LbConfig,
     /// Whether MACs and addresses have been read in this process: a plan is never published
@@ -72,7 +74,8 @@ impl Controller {
             config,
             desired,
             maps,
-            health: BTreeMap::new(),
+            probed: BTreeMap::new(),
+            unaddressable: BTreeSet::new(),
             macs: BTreeMap::new(),
             encap: LbConfig::default(),
             refreshed: false,
@@ -147,11 +150,38 @@ impl Controller {
         self.publish()
     }
 
+    /// Records the prober's verdict on a back-end and publishes it if it changed.
+    pub fn set_health(&mut self, backend: &str, health: Health, reason: &str) -> Result<ApplyReport, ControlError> {
+        let before = self.probed.get(backend).copied().unwrap_or(Health::Up);
+        if health == Health::Up {
+            self.probed.remove(backend);
+        } else {
+            self.probed.insert(backend.to_string(), health);
+        }
+        if before == health {
+            return Ok(ApplyReport::default());
+        }
+        match health {
+            Health::Down => warn!(%backend, %reason, "back-end down"),
+            Health::Up => info!(%backend, %reason, "back-end up"),
+        }
+        self.publish()
+    }
+
+    /// The prober's current verdict on a back-end (absent = up).
+    pub fn probed_health(&self, backend: &str) -> Health {
+        self.probed.get(backend).copied().unwrap_or(Health::Up)
+    }
+
     fn publish(&mut self) -> Result<ApplyReport, ControlError> {
         if !self.refreshed {
             return Err(ControlError::Io("internal: publish before the first refresh".into()));
         }
-        let p = plan(&self.desired, &self.health, &self.macs, self.encap);
+        let mut health = self.probed.clone();
+        for name in &self.unaddressable {
+            health.insert(name.clone(), Health::Down);
+        }
+        let p = plan(&self.desired, &health, &self.macs, self.encap);
         let Some(maps) = self.maps.as_mut() else { return Ok(ApplyReport::default()) };
         let report = maps.apply(&p)?;
         if self.last_plan.as_ref() != Some(&p) {
@@ -169,19 +199,20 @@ impl Controller {
     /// Back-ends of dsr-l2 VIPs need a MAC; without one they are held down (and logged once).
     fn mark_unaddressable(&mut self) {
         let c = &self.desired.config;
+        let mut now = BTreeSet::new();
         for b in &c.backends {
             let l2 = c.vips.iter().any(|v| v.mode == ForwardingMode::DsrL2 && v.backends.contains(&b.name));
             let known = b.mac.is_some() || self.macs.contains_key(&b.address);
-            let was_down = self.health.get(&b.name) == Some(&Health::Down);
             if l2 && !known {
-                if !was_down {
+                if !self.unaddressable.contains(&b.name) {
                     warn!(backend = %b.name, address = %b.address, "no MAC address known (not on this segment?); held down");
                 }
-                self.health.insert(b.name.clone(), Health::Down);
-            } else if was_down {
-                self.health.remove(&b.name);
+                now.insert(b.name.clone());
+            } else if self.unaddressable.contains(&b.name) {
+                info!(backend = %b.name, address = %b.address, "MAC address now known");
             }
         }
+        self.unaddressable = now;
     }
 
 }

@@ -10,6 +10,8 @@
 //! - [`dataplane`]: loading the eBPF object, pinning maps and links, attaching XDP programs
 //!   (balancer, `decap` for dsr-ipip back-ends, `pass` for veth peers).
 //! - [`neighbours`]: back-end MACs and this node's addresses from rtnetlink.
+//! - [`health`]: SMTP/POP3/IMAP/TCP probes (pure dialogue + one bounded async probe), rise/fall.
+//! - [`prober`]: one probe task per back-end and service in `mxlb run`, verdicts to the controller.
 //! - [`control`]: the [`control::Controller`] that owns desired state, and the Unix socket the
 //!   CLI uses to reach a running agent.
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
@@ -22,7 +24,9 @@ pub mod dataplane;
 pub mod desired;
 pub mod maglev;
 pub mod maps;
+pub mod health;
 pub mod neighbours;
+pub mod prober;
 pub mod report;
 
 /// The compiled eBPF object (all XDP programs and maps), embedded at build time by build.rs.

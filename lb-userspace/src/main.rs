@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use mxlb::{
-    config::{BackendConfig, Config, ForwardingMode, MacAddr, VipConfig, XdpModeSetting},
+    config::{BackendConfig, CheckSetting, Config, ForwardingMode, MacAddr, VipConfig, XdpModeSetting},
     control::{self, Controller, Request},
     dataplane::{Balancer, Helper},
     desired::Change,
@@ -107,6 +107,9 @@ enum VipCommand {
         /// Back-end in the pool (repeat for several).
         #[arg(long = "backend")]
         backends: Vec<String>,
+        /// Health probe for its back-ends (default: by the first port).
+        #[arg(long, value_enum)]
+        check: Option<CheckSetting>,
     },
     /// Remove a VIP.
     Remove { name: String },
@@ -216,8 +219,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::CheckConfig { .. } => unreachable!("handled above"),
         Command::Run { keep_attached } => run(config, keep_attached).await,
         Command::Vip(VipCommand::List { json }) => list_vips(config, json).await,
-        Command::Vip(VipCommand::Add { name, address, ports, mode, backends }) => {
-            change(config, Change::VipAdd { vip: VipConfig { name, address, ports, mode, backends } }).await
+        Command::Vip(VipCommand::Add { name, address, ports, mode, backends, check }) => {
+            change(config, Change::VipAdd { vip: VipConfig { name, address, ports, mode, backends, check } }).await
         }
         Command::Vip(VipCommand::Remove { name }) => change(config, Change::VipRemove { name }).await,
         Command::Backend(BackendCommand::List { json }) => list_backends(config, json).await,
@@ -418,6 +421,7 @@ fn parse_mode(s: &str) -> Result<XdpModeSetting> {
 /// The agent: load, attach, apply, serve the CLI, keep the maps in step, stop on a signal.
 async fn run(config: Config, keep_attached: bool) -> Result<()> {
     let node = config.node.clone();
+    let health_settings = config.health.clone();
     let mut balancer = Balancer::load(&node.bpffs_dir, node.conntrack_size)
         .with_context(|| format!("loading the balancer (maps pinned in {})", node.bpffs_dir.display()))?;
     let mut attached = Vec::new();
@@ -468,11 +472,13 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
             }
         })
     };
+    let prober = tokio::spawn(mxlb::prober::run(controller.clone(), health_settings, stop_rx.clone()));
     info!(socket = %node.control_socket.display(), "mxlb running; SIGTERM or SIGINT stops it");
     shutdown_signal().await?;
     info!("stopping");
     let _ = stop_tx.send(true);
     let _ = refresher.await;
+    let _ = prober.await;
     match server.await {
         Ok(Err(e)) => warn!(error = %e, "control socket"),
         Err(e) => warn!(error = %e, "control task"),

@@ -77,11 +77,13 @@ pub struct NodeOpts {
     pub ports: Vec<u16>,
     /// `auto`, `native` or `generic`.
     pub xdp_mode: String,
+    /// Body of a `[health]` section (e.g. `interval_ms = 100`), if any.
+    pub health: Option<String>,
 }
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into() }
+        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None }
     }
 }
 
@@ -153,6 +155,9 @@ impl<'a> MxlbNode<'a> {
             src4 = lab.lb().v4(),
             src6 = lab.lb().v6(),
         );
+        if let Some(h) = &self.opts.health {
+            s += &format!("[health]\n{h}\n\n");
+        }
         for (name, fam, suffix) in [("mx", AddrFamily::V4, ""), ("mx6", AddrFamily::V6, "v6")] {
             s += &format!(
                 "[[vip]]\nname = \"{name}\"\naddress = \"{}\"\nports = [{ports}]\nmode = \"{}\"\nbackends = [{}]\n\n",

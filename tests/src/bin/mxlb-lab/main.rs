@@ -72,17 +72,18 @@ fn demo(args: &[String]) -> Result<()> {
         let vip = lab.vip_addr(fam, 25);
         let per_family = if fam == AddrFamily::V4 { sessions } else { sessions / 2 };
         println!("\n== smtp-source: {per_family} SMTP sessions from the client to {vip}");
-        let before: Vec<u64> = (1..=3).map(|i| lab.sink(i).counts_by_family(fam).sessions).collect();
+        let before: Vec<u64> = (1..=3).map(|i| lab.sink(i).counts_by_family(fam).messages).collect();
         let r = lab.smtp_source(vip, &SourceOpts { sessions: per_family, concurrency: 20, ..Default::default() })?;
         let total: u64 = before.iter().sum::<u64>() + r.completed;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let after = loop {
-            let now: Vec<u64> = (1..=3).map(|i| lab.sink(i).counts_by_family(fam).sessions).collect();
+            let now: Vec<u64> = (1..=3).map(|i| lab.sink(i).counts_by_family(fam).messages).collect();
             if now.iter().sum::<u64>() >= total || std::time::Instant::now() > deadline {
                 break now;
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        // Messages, not sessions: the agent's health probes open sessions too.
         println!(
             "   {} completed in {:.2} s, {} failed",
             r.completed,

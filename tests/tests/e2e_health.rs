@@ -1,0 +1,85 @@
+//! Health probing end to end: a back-end whose mail server dies under load is marked down by
+//! the agent's SMTP probes (interval 100 ms, fall 3), after which no new session reaches it and
+//! none fails; when the server returns, the back-end is marked up (rise 2) and takes sessions
+//! again. Needs root; skips locally otherwise, fails under CI=true.
+use std::{
+    sync::atomic::Ordering::Relaxed,
+    time::{Duration, Instant},
+};
+
+use lab::{
+    AddrFamily, Lab, SinkOpts, SmtpSink,
+    node::{Mode, MxlbNode, NodeOpts},
+    sessions::{Progress, SessionOpts, run_sessions},
+};
+
+fn state(node: &MxlbNode, name: &str) -> String {
+    let json = node.backends_json().expect("backend list --json");
+    json.as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .map(|b| b["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// Polls the data path's state of `name` until it is `want` (bounded).
+fn wait_state(node: &MxlbNode, name: &str, want: &str, max: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + max;
+    while Instant::now() < deadline {
+        if state(node, name) == want {
+            return Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn dead_mail_server_is_marked_down_and_avoided_then_returns() {
+    if !lab::require_root("dead_mail_server_is_marked_down_and_avoided_then_returns") {
+        return;
+    }
+    let lab = Lab::builder().backends(3).build().expect("lab");
+    let opts = NodeOpts {
+        mode: Mode::DsrL2,
+        health: Some("interval_ms = 100\ntimeout_ms = 200\nrise = 2\nfall = 3".into()),
+        ..Default::default()
+    };
+    let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+    assert!(wait_state(&node, "b1", "up", Duration::from_secs(5)).is_some());
+    let victim = lab.backend(1).name();
+
+    let progress = Progress::default();
+    let sessions = SessionOpts { sessions: 100_000, concurrency: 10, ..Default::default() };
+    let (outcomes, detected) = std::thread::scope(|s| {
+        let load = s.spawn(|| run_sessions(lab.client().ns(), lab.vip_addr(AddrFamily::V4, 25), &sessions, &progress).expect("load"));
+        progress.wait_done(300, Duration::from_secs(60));
+        // The mail server on back-end 1 dies (both its IPv4 and IPv6 listeners).
+        for pid in lab.sink(1).pids() {
+            // SAFETY: kill(2) on a process the lab started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let detected = wait_state(&node, "b1", "down", Duration::from_secs(10));
+        progress.wait_done(progress.done.load(Relaxed) + 500, Duration::from_secs(60));
+        progress.stop();
+        (load.join().expect("load thread"), detected)
+    });
+    let detected = detected.unwrap_or_else(|| panic!("back-end 1 was never marked down:\n{}", node.log()));
+    assert!(node.log().contains("back-end down"), "the agent logs the transition with its reason:\n{}", node.log());
+
+    // After the detection point: no session fails and none reaches the dead back-end.
+    let late: Vec<_> = outcomes.iter().filter(|o| o.started > detected).collect();
+    assert!(late.len() >= 400, "only {} sessions after detection", late.len());
+    let failed: Vec<_> = late.iter().filter(|o| o.error.is_some()).collect();
+    assert!(failed.is_empty(), "{} sessions failed after the back-end was marked down: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert!(late.iter().all(|o| o.backend.as_deref() != Some(victim.as_str())));
+
+    // The server returns: marked up after `rise` good probes, and takes sessions again.
+    let revived = SmtpSink::start(lab.backend(1).ns(), &SinkOpts { hostname: Some(victim.clone()), ..Default::default() }).expect("restart sink");
+    wait_state(&node, "b1", "up", Duration::from_secs(10)).unwrap_or_else(|| panic!("back-end 1 never came back:\n{}", node.log()));
+    let outcomes = run_sessions(lab.client().ns(), lab.vip_addr(AddrFamily::V4, 25), &SessionOpts { sessions: 300, ..Default::default() }, &Progress::default()).unwrap();
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{:?}", outcomes.iter().find(|o| o.error.is_some()));
+    assert!(outcomes.iter().any(|o| o.backend.as_deref() == Some(victim.as_str())), "back-end 1 takes sessions again");
+    drop(revived);
+}
