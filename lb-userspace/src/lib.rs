@@ -2,6 +2,8 @@
 //! and benchmarks can use too.
 //!
 //! # Layout
+//! - [`agent`]: `mxlb agent` on each mail server: queue, disk and load in HAProxy's
+//!   agent-check format (and as JSON).
 //! - [`config`]: the TOML file, `validate()`, errors located by file/line/key.
 //! - [`desired`]: config + the operator's CLI changes (kept across restarts) and [`desired::plan`],
 //!   the one function turning intent and health into back-end states and weights.
@@ -18,6 +20,7 @@
 //!
 //! The XDP program itself is in the `lb-ebpf` crate; the types both sides share are in
 //! `lb-common`.
+pub mod agent;
 pub mod config;
 pub mod control;
 pub mod dataplane;

@@ -85,6 +85,38 @@ enum Command {
         #[command(subcommand)]
         action: HelperAction,
     },
+    /// Run on a mail server: report its mail queue, disk and load in HAProxy's agent-check
+    /// format (`up ready 75% maxconn:300`, `drain`, `down #reason`); `detail` or
+    /// `GET /detail` returns the raw figures as JSON.
+    Agent(AgentArgs),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:5555")]
+    listen: std::net::SocketAddr,
+    /// Postfix queue directory.
+    #[arg(long, default_value = "/var/spool/postfix")]
+    spool: PathBuf,
+    /// Shell command printing the queue length instead (e.g. `exim -bpc`).
+    #[arg(long)]
+    queue_command: Option<String>,
+    /// File system whose utilisation counts (default: the spool's).
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Queue length at which to ask for a drain.
+    #[arg(long, default_value_t = 5000)]
+    max_queue: u64,
+    /// Disk utilisation (%) at which to ask for a drain.
+    #[arg(long, default_value_t = 95.0)]
+    max_disk: f64,
+    /// Load average per CPU at which the weight share reaches its 1% floor.
+    #[arg(long, default_value_t = 4.0)]
+    max_load: f64,
+    /// Connection limit to pass on (`maxconn:N`).
+    #[arg(long)]
+    maxconn: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -211,12 +243,15 @@ fn enter_netns(name: &str) -> Result<()> {
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {
-    if let Command::CheckConfig { file } = &cli.command {
-        return check_config(file);
-    }
+    // These two need no LB configuration.
+    let command = match cli.command {
+        Command::CheckConfig { file } => return check_config(&file),
+        Command::Agent(a) => return agent(a).await,
+        other => other,
+    };
     let config = load_config(cli.config.as_deref())?;
-    match cli.command {
-        Command::CheckConfig { .. } => unreachable!("handled above"),
+    match command {
+        Command::CheckConfig { .. } | Command::Agent(_) => unreachable!("handled above"),
         Command::Run { keep_attached } => run(config, keep_attached).await,
         Command::Vip(VipCommand::List { json }) => list_vips(config, json).await,
         Command::Vip(VipCommand::Add { name, address, ports, mode, backends, check }) => {
@@ -407,6 +442,29 @@ fn helper(which: Helper, action: HelperAction) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn agent(a: AgentArgs) -> Result<()> {
+    if !(a.max_disk > 0.0 && a.max_disk <= 100.0) || a.max_load <= 0.0 || a.max_queue == 0 {
+        bail!("--max-disk must be in (0, 100], --max-load above 0 and --max-queue at least 1");
+    }
+    let settings = mxlb::agent::AgentSettings {
+        listen: a.listen,
+        spool: a.spool,
+        queue_command: a.queue_command,
+        disk: a.disk,
+        max_queue: a.max_queue,
+        max_disk_pct: a.max_disk,
+        max_load_per_cpu: a.max_load,
+        maxconn: a.maxconn,
+    };
+    let stop = async {
+        if let Err(e) = shutdown_signal().await {
+            warn!(error = %e, "signal handling");
+            std::future::pending::<()>().await;
+        }
+    };
+    mxlb::agent::serve(settings, stop).await.context("agent")
 }
 
 fn parse_mode(s: &str) -> Result<XdpModeSetting> {
