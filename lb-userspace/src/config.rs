@@ -92,6 +92,38 @@ pub struct HealthConfig {
     /// Consecutive failed probes to mark an up back-end down.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// How often back-ends with an `agent_port` are asked for their load.
+    #[serde(default = "default_agent_interval_ms")]
+    pub agent_interval_ms: u64,
+    /// Load thresholds with hysteresis: a back-end is drained at `drain_*` and taken back only
+    /// at `resume_*`, so it does not flap around one value.
+    #[serde(default)]
+    pub drain: LoadThresholds,
+    /// See `drain`.
+    #[serde(default = "LoadThresholds::resume_defaults")]
+    pub resume: LoadThresholds,
+}
+
+/// Queue length, spool disk utilisation and probe response time at which a back-end is
+/// drained (`[health.drain]`) or taken back (`[health.resume]`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadThresholds {
+    pub queue: u64,
+    pub disk_pct: f64,
+    pub response_ms: u64,
+}
+
+impl Default for LoadThresholds {
+    fn default() -> Self {
+        LoadThresholds { queue: 5000, disk_pct: 95.0, response_ms: 2000 }
+    }
+}
+
+impl LoadThresholds {
+    fn resume_defaults() -> Self {
+        LoadThresholds { queue: 4000, disk_pct: 90.0, response_ms: 1000 }
+    }
 }
 
 impl Default for HealthConfig {
@@ -101,8 +133,15 @@ impl Default for HealthConfig {
             timeout_ms: default_timeout_ms(),
             rise: default_rise(),
             fall: default_fall(),
+            agent_interval_ms: default_agent_interval_ms(),
+            drain: LoadThresholds::default(),
+            resume: LoadThresholds::resume_defaults(),
         }
     }
+}
+
+fn default_agent_interval_ms() -> u64 {
+    1000
 }
 
 fn default_interval_ms() -> u64 {
@@ -222,6 +261,9 @@ pub struct BackendConfig {
     /// MAC to send dsr-l2 frames to; default: resolved from the neighbour table.
     #[serde(default)]
     pub mac: Option<MacAddr>,
+    /// Port of `mxlb agent` on this back-end: its load then scales the weight and can drain it.
+    #[serde(default)]
+    pub agent_port: Option<u16>,
 }
 
 /// An Ethernet address, written `aa:bb:cc:dd:ee:ff`.
@@ -405,6 +447,21 @@ impl Config {
                 p(KeyPath::new("health").key(key), format!("{v} is out of range (1 to 100)"));
             }
         }
+        if !(100..=60_000).contains(&h.agent_interval_ms) {
+            p(KeyPath::new("health").key("agent_interval_ms"), format!("{} is out of range (100 to 60000)", h.agent_interval_ms));
+        }
+        for (key, resume, drain) in [
+            ("queue", h.resume.queue as f64, h.drain.queue as f64),
+            ("disk_pct", h.resume.disk_pct, h.drain.disk_pct),
+            ("response_ms", h.resume.response_ms as f64, h.drain.response_ms as f64),
+        ] {
+            if !(resume < drain) {
+                p(KeyPath::new("health").key("resume").key(key), format!("must be below health.drain.{key} ({drain}), or the back-end would flap"));
+            }
+        }
+        if !(h.drain.disk_pct > 0.0 && h.drain.disk_pct <= 100.0) {
+            p(KeyPath::new("health").key("drain").key("disk_pct"), format!("{} is out of range (0 to 100)", h.drain.disk_pct));
+        }
 
         let mut backend_names = HashMap::new();
         let mut backend_addrs = HashMap::new();
@@ -424,6 +481,9 @@ impl Config {
             }
             if b.weight > MAX_WEIGHT {
                 p(at.key("weight"), format!("{} is out of range (0 to {MAX_WEIGHT})", b.weight));
+            }
+            if b.agent_port == Some(0) {
+                p(at.key("agent_port"), "port 0 is not a valid port".into());
             }
         }
         if self.backends.len() >= lb_common::MAX_BACKENDS as usize {
@@ -808,6 +868,10 @@ mac = "02:00:00:00:00:0b"
         assert_eq!(Config::parse(&text, "t").unwrap().vips[0].check(), CheckSetting::None);
         let e = errors(&GOOD.replace("mode = \"dsr-l2\"", "mode = \"dsr-l2\"\ncheck = \"http\""));
         assert_eq!(e[0].key, "vip[0].check", "{e:?}");
+        // Hysteresis: resume thresholds must sit below drain thresholds.
+        let e = errors(&format!("{GOOD}\n[health.drain]\nqueue = 100\ndisk_pct = 90.0\nresponse_ms = 500\n"));
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["health.resume.queue", "health.resume.disk_pct", "health.resume.response_ms"], "{e:?}");
     }
 
     #[test]

@@ -350,7 +350,7 @@ mod tests {
     }
 
     fn backend(name: &str, addr: &str) -> BackendConfig {
-        BackendConfig { name: name.into(), address: addr.parse().unwrap(), weight: 50, mac: None }
+        BackendConfig { name: name.into(), address: addr.parse().unwrap(), weight: 50, mac: None, agent_port: None }
     }
 
     #[test]

@@ -166,6 +166,9 @@ enum BackendCommand {
         /// VIP whose pool it joins (repeat for several).
         #[arg(long = "vip")]
         vips: Vec<String>,
+        /// Port of `mxlb agent` on it (its load then scales the weight).
+        #[arg(long)]
+        agent_port: Option<u16>,
     },
     /// Remove a back-end from every pool.
     Remove { name: String },
@@ -259,8 +262,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Vip(VipCommand::Remove { name }) => change(config, Change::VipRemove { name }).await,
         Command::Backend(BackendCommand::List { json }) => list_backends(config, json).await,
-        Command::Backend(BackendCommand::Add { name, address, weight, mac, vips }) => {
-            change(config, Change::BackendAdd { backend: BackendConfig { name, address, weight, mac }, vips }).await
+        Command::Backend(BackendCommand::Add { name, address, weight, mac, vips, agent_port }) => {
+            change(config, Change::BackendAdd { backend: BackendConfig { name, address, weight, mac, agent_port }, vips }).await
         }
         Command::Backend(BackendCommand::Remove { name }) => change(config, Change::BackendRemove { name }).await,
         Command::Backend(BackendCommand::Weight { name, weight }) => change(config, Change::Weight { name, weight }).await,
