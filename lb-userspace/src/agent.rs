@@ -44,8 +44,8 @@ pub struct AgentSettings {
     pub maxconn: Option<u32>,
 }
 
-/// The raw figures (`detail`).
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// The raw figures (`detail`): also what load balancers read back ([`crate::policy`]).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Figures {
     pub queue: u64,
     pub disk_used_pct: f64,
@@ -134,6 +134,18 @@ pub fn parse_loadavg(text: &str) -> Option<(f64, u32)> {
     let load1 = f.next()?.parse().ok()?;
     let running = f.nth(2)?.split('/').next()?.parse().ok()?;
     Some((load1, running))
+}
+
+/// Asks the agent at `addr` for its figures (`detail`), bounded by `timeout`.
+pub async fn fetch(addr: SocketAddr, timeout: Duration) -> Result<Figures, String> {
+    let ask = async {
+        let mut c = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        c.write_all(b"detail\n").await.map_err(|e| format!("send: {e}"))?;
+        let mut out = Vec::new();
+        (&mut c).take(64 * 1024).read_to_end(&mut out).await.map_err(|e| format!("read: {e}"))?;
+        serde_json::from_slice(&out).map_err(|e| format!("not an mxlb agent reply: {e}"))
+    };
+    tokio::time::timeout(timeout, ask).await.map_err(|_| "timed out".to_string())?
 }
 
 /// Measures everything now (blocking file-system work: call from a blocking context).

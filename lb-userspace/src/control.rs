@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, ForwardingMode},
-    desired::{Change, ChangeError, ChangeLog, Desired, Health, Plan, StateError, plan},
+    desired::{Change, ChangeError, ChangeLog, Desired, Health, Load, Plan, StateError, plan},
     maps::{ApplyReport, DataplaneMaps, MapsError},
     neighbours,
 };
@@ -50,6 +50,8 @@ pub struct Controller {
     maps: Option<DataplaneMaps>,
     /// Health as the prober last decided it (absent = up).
     probed: BTreeMap<String, Health>,
+    /// Load as the load policy last judged it (absent = full share, not overloaded).
+    load: BTreeMap<String, Load>,
     /// Back-ends of dsr-l2 VIPs with no known MAC: held down until it is known, since frames
     /// cannot be addressed to them.
     unaddressable: BTreeSet<String>,
@@ -75,6 +77,7 @@ impl Controller {
             desired,
             maps,
             probed: BTreeMap::new(),
+            load: BTreeMap::new(),
             unaddressable: BTreeSet::new(),
             macs: BTreeMap::new(),
             encap: LbConfig::default(),
@@ -168,6 +171,29 @@ impl Controller {
         self.publish()
     }
 
+    /// Records the load policy's judgement of a back-end and publishes it if it changed.
+    pub fn set_load(&mut self, backend: &str, load: Load) -> Result<ApplyReport, ControlError> {
+        let full = Load { share: 1.0, overloaded: None };
+        let before = self.load.get(backend).cloned().unwrap_or(full.clone());
+        if before == load {
+            return Ok(ApplyReport::default());
+        }
+        match (&before.overloaded, &load.overloaded) {
+            (None, Some(why)) => warn!(%backend, reason = %why, "back-end overloaded: draining"),
+            (Some(_), None) => info!(%backend, "back-end no longer overloaded: taking sessions again"),
+            _ => {}
+        }
+        if before.share != load.share {
+            info!(%backend, share = load.share, "back-end weight share changed (agent load, response time)");
+        }
+        if load == full {
+            self.load.remove(backend);
+        } else {
+            self.load.insert(backend.to_string(), load);
+        }
+        self.publish()
+    }
+
     /// The prober's current verdict on a back-end (absent = up).
     pub fn probed_health(&self, backend: &str) -> Health {
         self.probed.get(backend).copied().unwrap_or(Health::Up)
@@ -181,7 +207,7 @@ impl Controller {
         for name in &self.unaddressable {
             health.insert(name.clone(), Health::Down);
         }
-        let p = plan(&self.desired, &health, &self.macs, self.encap);
+        let p = plan(&self.desired, &health, &self.load, &self.macs, self.encap);
         let Some(maps) = self.maps.as_mut() else { return Ok(ApplyReport::default()) };
         let report = maps.apply(&p)?;
         if self.last_plan.as_ref() != Some(&p) {

@@ -250,10 +250,10 @@ impl Helper {
     pub fn attach(self, iface: &str, mode: XdpModeSetting) -> Result<Attached, DataplaneError> {
         let path = self.pin_path(iface);
         ensure_bpffs(path.parent().expect("pin path has a parent"))?;
-        // The helpers share the object with the balancer but need none of its big maps.
-        // Its maps are declared pinnable; keep them in the helpers' own directory, never in
-        // the bpffs root or a balancer's directory.
-        let maps_dir = path.parent().expect("pin path has a parent").join("maps");
+        // The object's maps are declared pinnable; each attachment keeps its own (small) set
+        // beside its link, so concurrent attachments never race on shared pins and a detach
+        // removes exactly what its attach made.
+        let maps_dir = Self::maps_dir(&path);
         ensure_bpffs(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
@@ -267,19 +267,19 @@ impl Helper {
         attach_pinned(prog, iface, mode, &path)
     }
 
-    /// Removes the helper from `iface`; Ok(false) when it was not attached. The helpers' map
-    /// pins go with the last helper link, so nothing is left behind in bpffs.
+    fn maps_dir(link: &Path) -> PathBuf {
+        let mut dir = link.as_os_str().to_owned();
+        // bpffs refuses names containing a dot.
+        dir.push("-maps");
+        PathBuf::from(dir)
+    }
+
+    /// Removes the helper from `iface`, with its map pins; Ok(false) when it was not attached.
     pub fn detach(self, iface: &str) -> Result<bool, DataplaneError> {
         let path = self.pin_path(iface);
         let was = path.exists();
         detach_pinned(&path)?;
-        let dir = path.parent().expect("pin path has a parent");
-        let links_left = std::fs::read_dir(dir)
-            .map(|entries| entries.flatten().any(|e| e.file_name() != "maps"))
-            .unwrap_or(true);
-        if !links_left {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = std::fs::remove_dir_all(Self::maps_dir(&path));
         Ok(was)
     }
 }

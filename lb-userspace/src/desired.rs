@@ -260,6 +260,16 @@ pub enum Health {
     Down,
 }
 
+/// A back-end's load as the load policy judges it (from its agent's report and the probes'
+/// response times; absent = share 1.0, not overloaded).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Load {
+    /// Share of the admin weight it should get, in (0, 1].
+    pub share: f64,
+    /// Set while it is overloaded: drained, with the reason.
+    pub overloaded: Option<String>,
+}
+
 /// What the data path must hold: the output of [`plan`], the input of `maps::apply`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -292,12 +302,14 @@ pub struct PlannedVip {
 /// Turns intent and health into the data path's state (architecture principle 1: the CLI,
 /// the health policy and VRRP all feed this one function; `maps::apply` is the one writer).
 ///
-/// - admin weight → Maglev weight; drained or down → weight 0 and state DRAINING / DOWN;
+/// - Maglev weight = admin weight × load share (at least 1 while both are positive); drained
+///   (by the operator or for overload) or down → weight 0 and state DRAINING / DOWN;
 /// - back-ends that no VIP uses are left out of the data path;
 /// - `macs` gives each back-end's resolved MAC (config `mac` wins).
 pub fn plan(
     desired: &Desired,
     health: &BTreeMap<String, Health>,
+    load: &BTreeMap<String, Load>,
     macs: &BTreeMap<IpAddr, [u8; 6]>,
     encap: LbConfig,
 ) -> Plan {
@@ -309,7 +321,9 @@ pub fn plan(
         .filter(|b| used.contains(b.name.as_str()))
         .map(|b| {
             let down = health.get(&b.name) == Some(&Health::Down);
-            let drained = desired.drained.contains(&b.name);
+            let load = load.get(&b.name);
+            let drained = desired.drained.contains(&b.name) || load.is_some_and(|l| l.overloaded.is_some());
+            let share = load.map_or(1.0, |l| l.share.clamp(0.0, 1.0));
             let state = if down {
                 lb_common::state::DOWN
             } else if drained {
@@ -322,7 +336,10 @@ pub fn plan(
                 address: b.address,
                 mac: b.mac.map(|m| m.0).or_else(|| macs.get(&b.address).copied()).unwrap_or([0; 6]),
                 state,
-                weight: if state == lb_common::state::UP { b.weight } else { 0 },
+                weight: match state {
+                    lb_common::state::UP if b.weight > 0 && share > 0.0 => ((b.weight as f64 * share).round() as u32).max(1),
+                    _ => 0,
+                },
             }
         })
         .collect();
@@ -388,11 +405,22 @@ mod tests {
         d.apply(&Change::Drain { name: "mail2".into() }).unwrap();
         let health = BTreeMap::from([("mail3".to_string(), Health::Down)]);
         let macs = BTreeMap::from([("198.18.0.11".parse().unwrap(), [2, 0, 0, 0, 0, 0x11])]);
-        let p = plan(&d, &health, &macs, LbConfig::default());
+        let load = BTreeMap::from([("mail1".to_string(), Load { share: 0.75, overloaded: None })]);
+        let p = plan(&d, &health, &load, &macs, LbConfig::default());
         let get = |n: &str| p.backends.iter().find(|b| b.name == n).unwrap().clone();
-        assert_eq!((get("mail1").state, get("mail1").weight, get("mail1").mac), (state::UP, 100, [2, 0, 0, 0, 0, 0x11]));
+        assert_eq!((get("mail1").state, get("mail1").weight, get("mail1").mac), (state::UP, 75, [2, 0, 0, 0, 0, 0x11]));
         assert_eq!((get("mail2").state, get("mail2").weight), (state::DRAINING, 0));
         assert_eq!((get("mail3").state, get("mail3").weight), (state::DOWN, 0));
+        // Overload drains; a tiny share never rounds a live back-end to zero.
+        d.apply(&Change::Undrain { name: "mail2".into() }).unwrap();
+        let load = BTreeMap::from([
+            ("mail1".to_string(), Load { share: 0.001, overloaded: None }),
+            ("mail2".to_string(), Load { share: 1.0, overloaded: Some("queue 6000 >= 5000".into()) }),
+        ]);
+        let p = plan(&d, &BTreeMap::new(), &load, &macs, LbConfig::default());
+        let get = |n: &str| p.backends.iter().find(|b| b.name == n).unwrap().clone();
+        assert_eq!((get("mail1").state, get("mail1").weight), (state::UP, 1));
+        assert_eq!((get("mail2").state, get("mail2").weight), (state::DRAINING, 0));
     }
 
     #[test]

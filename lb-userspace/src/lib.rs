@@ -13,6 +13,7 @@
 //!   (balancer, `decap` for dsr-ipip back-ends, `pass` for veth peers).
 //! - [`neighbours`]: back-end MACs and this node's addresses from rtnetlink.
 //! - [`health`]: SMTP/POP3/IMAP/TCP probes (pure dialogue + one bounded async probe), rise/fall.
+//! - [`policy`]: agent reports and response times → weight share, overload drains with hysteresis.
 //! - [`prober`]: one probe task per back-end and service in `mxlb run`, verdicts to the controller.
 //! - [`control`]: the [`control::Controller`] that owns desired state, and the Unix socket the
 //!   CLI uses to reach a running agent.
@@ -29,6 +30,7 @@ pub mod maglev;
 pub mod maps;
 pub mod health;
 pub mod neighbours;
+pub mod policy;
 pub mod prober;
 pub mod report;
 

@@ -1,7 +1,8 @@
 //! Runs the health probes of `mxlb run`: one task per back-end and service (check kind and
-//! port), reporting to one supervisor that owns the rise/fall state and tells the
-//! [`Controller`] when a back-end goes down or comes back (so a verdict reaches the maps
-//! through the same code as a CLI change).
+//! port), and one per back-end with an `agent_port` asking its `mxlb agent` for its load. All
+//! report to one supervisor that owns the rise/fall state and the load policy, and tells the
+//! [`Controller`] when a back-end goes down, comes back, or its load changes its weight share
+//! or drains it (so a verdict reaches the maps through the same code as a CLI change).
 //!
 //! The probe targets follow the desired state: a back-end added or removed with the CLI gains
 //! or loses its probes within a second.
@@ -27,8 +28,9 @@ use tracing::warn;
 use crate::{
     config::{CheckSetting, HealthConfig},
     control::Controller,
-    desired::{Desired, Health},
+    desired::{Desired, Health, Load},
     health::{self, CheckKind, Ewma, ProbeError, RiseFall},
+    policy::{AgentReport, LoadState},
 };
 
 /// One probe: a back-end, a check, an address.
@@ -61,9 +63,29 @@ pub fn targets(desired: &Desired) -> BTreeSet<Target> {
     out
 }
 
-struct Report {
-    target: Target,
-    result: Result<Duration, ProbeError>,
+/// The agents the desired state calls for: back-end name → agent address.
+pub fn agents(desired: &Desired) -> BTreeMap<String, SocketAddr> {
+    let c = &desired.config;
+    let used = c.used_backends();
+    c.backends
+        .iter()
+        .filter(|b| used.contains(b.name.as_str()))
+        .filter_map(|b| b.agent_port.map(|p| (b.name.clone(), SocketAddr::new(b.address, p))))
+        .collect()
+}
+
+enum Report {
+    Probe { target: Target, result: Result<Duration, ProbeError> },
+    Agent { backend: String, addr: SocketAddr, result: Result<AgentReport, String> },
+}
+
+/// Load-policy state of one back-end.
+#[derive(Default)]
+struct LoadTracked {
+    state: LoadState,
+    report: Option<AgentReport>,
+    /// Whether the last agent query failed (logged once per outage).
+    agent_failing: bool,
 }
 
 /// Per-target state kept by the supervisor.
@@ -76,72 +98,175 @@ struct Tracked {
 
 /// Runs until `stop` turns true.
 pub async fn run(controller: Arc<Mutex<Controller>>, settings: HealthConfig, mut stop: watch::Receiver<bool>) {
-    let interval = Duration::from_millis(settings.interval_ms);
-    let timeout = Duration::from_millis(settings.timeout_ms);
     let (tx, mut rx) = mpsc::channel::<Report>(1024);
-    let mut tracked: BTreeMap<Target, Tracked> = BTreeMap::new();
+    let mut sup = Supervisor {
+        controller,
+        settings,
+        tx,
+        tracked: BTreeMap::new(),
+        agent_tasks: BTreeMap::new(),
+        loads: BTreeMap::new(),
+    };
     let mut resync = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            _ = resync.tick() => {
-                let wanted = targets(controller.lock().await.desired());
-                let gone: Vec<Target> = tracked.keys().filter(|t| !wanted.contains(*t)).cloned().collect();
-                for t in gone {
-                    if let Some(tr) = tracked.remove(&t) {
-                        tr.task.abort();
-                    }
-                    if !tracked.keys().any(|k| k.backend == t.backend) {
-                        // No probe left for it (removed, or its VIP's check turned off).
-                        let _ = controller.lock().await.set_health(&t.backend, Health::Up, "no longer probed");
-                    }
-                }
-                for (i, t) in wanted.into_iter().enumerate() {
-                    if tracked.contains_key(&t) {
-                        continue;
-                    }
-                    // Spread the probes over the interval rather than all at once.
-                    let offset = interval.mul_f64((i % 16) as f64 / 16.0);
-                    let task = tokio::spawn(probe_loop(t.clone(), interval, timeout, offset, tx.clone()));
-                    tracked.insert(t, Tracked {
-                        task,
-                        verdict: RiseFall::new(settings.rise, settings.fall),
-                        rtt: Ewma::new(0.3),
-                        last_error: None,
-                    });
-                }
-            }
-            Some(report) = rx.recv() => {
-                let Some(tr) = tracked.get_mut(&report.target) else { continue };
-                let ok = report.result.is_ok();
-                match &report.result {
-                    Ok(rtt) => { tr.rtt.update(*rtt); tr.last_error = None; }
-                    Err(e) => tr.last_error = Some(e.to_string()),
-                }
-                if tr.verdict.observe(ok).is_none() {
-                    continue;
-                }
-                let backend = report.target.backend.clone();
-                // A back-end is down while any of its probes is down.
-                let down: Vec<String> = tracked
-                    .iter()
-                    .filter(|(t, tr)| t.backend == backend && tr.verdict.is_down())
-                    .map(|(t, tr)| format!("{:?} {}: {}", t.kind, t.addr, tr.last_error.as_deref().unwrap_or("failing")))
-                    .collect();
-                let (health, reason) = if down.is_empty() {
-                    let rtt = tracked.get(&report.target).and_then(|tr| tr.rtt.get());
-                    (Health::Up, format!("{:?} {} answering (avg {:.1} ms)", report.target.kind, report.target.addr, rtt.unwrap_or_default().as_secs_f64() * 1e3))
-                } else {
-                    (Health::Down, down.join("; "))
-                };
-                if let Err(e) = controller.lock().await.set_health(&backend, health, &reason) {
-                    warn!(%backend, error = %e, "could not publish a health change");
-                }
-            }
+            _ = resync.tick() => sup.resync().await,
+            Some(report) = rx.recv() => match report {
+                Report::Probe { target, result } => sup.on_probe(target, result).await,
+                Report::Agent { backend, addr, result } => sup.on_agent(backend, addr, result).await,
+            },
         }
     }
-    for (_, tr) in tracked {
+    for (_, tr) in sup.tracked {
         tr.task.abort();
+    }
+    for (_, (_, task)) in sup.agent_tasks {
+        task.abort();
+    }
+}
+
+/// The one owner of probe and load state.
+struct Supervisor {
+    controller: Arc<Mutex<Controller>>,
+    settings: HealthConfig,
+    tx: mpsc::Sender<Report>,
+    tracked: BTreeMap<Target, Tracked>,
+    agent_tasks: BTreeMap<String, (SocketAddr, JoinHandle<()>)>,
+    loads: BTreeMap<String, LoadTracked>,
+}
+
+impl Supervisor {
+    /// Starts and stops probe and agent tasks to match the desired state.
+    async fn resync(&mut self) {
+        let (wanted, wanted_agents) = {
+            let c = self.controller.lock().await;
+            (targets(c.desired()), agents(c.desired()))
+        };
+        let interval = Duration::from_millis(self.settings.interval_ms);
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        let gone: Vec<Target> = self.tracked.keys().filter(|t| !wanted.contains(*t)).cloned().collect();
+        for t in gone {
+            if let Some(tr) = self.tracked.remove(&t) {
+                tr.task.abort();
+            }
+            if !self.tracked.keys().any(|k| k.backend == t.backend) {
+                // No probe left for it (removed, or its VIP's check turned off).
+                let _ = self.controller.lock().await.set_health(&t.backend, Health::Up, "no longer probed");
+            }
+        }
+        for (i, t) in wanted.into_iter().enumerate() {
+            if self.tracked.contains_key(&t) {
+                continue;
+            }
+            // Spread the probes over the interval rather than all at once.
+            let offset = interval.mul_f64((i % 16) as f64 / 16.0);
+            let task = tokio::spawn(probe_loop(t.clone(), interval, timeout, offset, self.tx.clone()));
+            let verdict = RiseFall::new(self.settings.rise, self.settings.fall);
+            self.tracked.insert(t, Tracked { task, verdict, rtt: Ewma::new(0.3), last_error: None });
+        }
+        self.agent_tasks.retain(|name, (addr, task)| {
+            let keep = wanted_agents.get(name) == Some(addr);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (name, addr) in wanted_agents {
+            if self.agent_tasks.contains_key(&name) {
+                continue;
+            }
+            let every = Duration::from_millis(self.settings.agent_interval_ms);
+            let task = tokio::spawn(agent_loop(name.clone(), addr, every, timeout, self.tx.clone()));
+            self.agent_tasks.insert(name, (addr, task));
+        }
+        let forgotten: Vec<String> = self
+            .loads
+            .keys()
+            .filter(|b| !self.agent_tasks.contains_key(*b) && !self.tracked.keys().any(|t| &t.backend == *b))
+            .cloned()
+            .collect();
+        for b in forgotten {
+            self.loads.remove(&b);
+            let _ = self.controller.lock().await.set_load(&b, Load { share: 1.0, overloaded: None });
+        }
+    }
+
+    async fn on_probe(&mut self, target: Target, result: Result<Duration, ProbeError>) {
+        let Some(tr) = self.tracked.get_mut(&target) else { return };
+        match &result {
+            Ok(rtt) => {
+                tr.rtt.update(*rtt);
+                tr.last_error = None;
+            }
+            Err(e) => tr.last_error = Some(e.to_string()),
+        }
+        let changed = tr.verdict.observe(result.is_ok()).is_some();
+        // Response times feed the load policy whether or not the verdict changes.
+        self.judge_load(&target.backend).await;
+        if !changed {
+            return;
+        }
+        // A back-end is down while any of its probes is down.
+        let down: Vec<String> = self
+            .tracked
+            .iter()
+            .filter(|(t, tr)| t.backend == target.backend && tr.verdict.is_down())
+            .map(|(t, tr)| format!("{:?} {}: {}", t.kind, t.addr, tr.last_error.as_deref().unwrap_or("failing")))
+            .collect();
+        let (health, reason) = if down.is_empty() {
+            let rtt = self.tracked.get(&target).and_then(|tr| tr.rtt.get()).unwrap_or_default();
+            (Health::Up, format!("{:?} {} answering (avg {:.1} ms)", target.kind, target.addr, rtt.as_secs_f64() * 1e3))
+        } else {
+            (Health::Down, down.join("; "))
+        };
+        if let Err(e) = self.controller.lock().await.set_health(&target.backend, health, &reason) {
+            warn!(backend = %target.backend, error = %e, "could not publish a health change");
+        }
+    }
+
+    async fn on_agent(&mut self, backend: String, addr: SocketAddr, result: Result<AgentReport, String>) {
+        if self.agent_tasks.get(&backend).map(|(a, _)| *a) != Some(addr) {
+            return;
+        }
+        let lt = self.loads.entry(backend.clone()).or_default();
+        match result {
+            Ok(r) => {
+                lt.report = Some(r);
+                lt.agent_failing = false;
+            }
+            Err(e) => {
+                if !lt.agent_failing {
+                    warn!(%backend, agent = %addr, error = %e, "agent not answering; its load is ignored until it does");
+                }
+                lt.report = None;
+                lt.agent_failing = true;
+            }
+        }
+        self.judge_load(&backend).await;
+    }
+
+    /// Re-judges a back-end's load (agent report + slowest probe's average response time) and
+    /// hands the result to the controller, which publishes only a change.
+    async fn judge_load(&mut self, backend: &str) {
+        let rtt = self.tracked.iter().filter(|(t, _)| t.backend == backend).filter_map(|(_, tr)| tr.rtt.get()).max();
+        let lt = self.loads.entry(backend.to_string()).or_default();
+        let load = lt.state.evaluate(lt.report.as_ref(), rtt, &self.settings);
+        if let Err(e) = self.controller.lock().await.set_load(backend, load) {
+            warn!(%backend, error = %e, "could not publish a load change");
+        }
+    }
+}
+
+async fn agent_loop(backend: String, addr: SocketAddr, every: Duration, timeout: Duration, tx: mpsc::Sender<Report>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = crate::agent::fetch(addr, timeout).await;
+        if tx.send(Report::Agent { backend: backend.clone(), addr, result }).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -152,7 +277,7 @@ async fn probe_loop(target: Target, interval: Duration, timeout: Duration, offse
     loop {
         tick.tick().await;
         let result = health::probe(target.kind, target.addr, timeout).await;
-        if tx.send(Report { target: target.clone(), result }).await.is_err() {
+        if tx.send(Report::Probe { target: target.clone(), result }).await.is_err() {
             return;
         }
     }

@@ -79,11 +79,13 @@ pub struct NodeOpts {
     pub xdp_mode: String,
     /// Body of a `[health]` section (e.g. `interval_ms = 100`), if any.
     pub health: Option<String>,
+    /// `agent_port` of the IPv4 back-ends (where `mxlb agent` listens on them), if any.
+    pub agent_port: Option<u16>,
 }
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None }
+        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None, agent_port: None }
     }
 }
 
@@ -169,7 +171,11 @@ impl<'a> MxlbNode<'a> {
         for (fam, suffix) in [(AddrFamily::V4, ""), (AddrFamily::V6, "v6")] {
             for (i, b) in lab.backends().iter().enumerate() {
                 let w = self.opts.weights.get(i).copied().unwrap_or(100);
-                s += &format!("[[backend]]\nname = \"b{}{suffix}\"\naddress = \"{}\"\nweight = {w}\n\n", i + 1, b.addr(fam));
+                s += &format!("[[backend]]\nname = \"b{}{suffix}\"\naddress = \"{}\"\nweight = {w}\n", i + 1, b.addr(fam));
+                if let (Some(port), AddrFamily::V4) = (self.opts.agent_port, fam) {
+                    s += &format!("agent_port = {port}\n");
+                }
+                s += "\n";
             }
         }
         s

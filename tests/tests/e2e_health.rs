@@ -13,6 +13,83 @@ use lab::{
     sessions::{Progress, SessionOpts, run_sessions},
 };
 
+fn fill(dir: &std::path::Path, n: usize) {
+    for i in 0..n {
+        std::fs::write(dir.join(format!("Q{i:05}")), b"queued").unwrap();
+    }
+}
+
+fn trim(dir: &std::path::Path, keep: usize) {
+    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for f in files.into_iter().skip(keep) {
+        std::fs::remove_file(f).unwrap();
+    }
+}
+
+#[test]
+fn agent_queue_drains_a_backend_with_hysteresis_and_scales_its_weight() {
+    if !lab::require_root("agent_queue_drains_a_backend_with_hysteresis_and_scales_its_weight") {
+        return;
+    }
+    let lab = Lab::builder().backends(3).build().expect("lab");
+    let spool = std::env::temp_dir().join(format!("{}-spool", lab.prefix()));
+    let active = spool.join("active");
+    std::fs::create_dir_all(&active).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(spool.clone());
+    // The agent's own limit (100) only shapes its weight share; the LB drains at 50 and takes
+    // the back-end back at 20.
+    let b1 = lab.backend(1);
+    let mut cmd = std::process::Command::new(lab::node::mxlb_bin().unwrap());
+    cmd.args(["--netns", b1.ns().name(), "agent", "--listen", &format!("{}:5555", b1.v4()), "--max-queue", "100", "--max-load", "1000000"])
+        .arg("--spool")
+        .arg(&spool);
+    let _agent = lab::Daemon::spawn("mxlb agent", cmd, None).unwrap();
+    let opts = NodeOpts {
+        mode: Mode::DsrL2,
+        agent_port: Some(5555),
+        health: Some("interval_ms = 100\nagent_interval_ms = 100\n[health.drain]\nqueue = 50\ndisk_pct = 99.9\nresponse_ms = 5000\n[health.resume]\nqueue = 20\ndisk_pct = 99.0\nresponse_ms = 4000".into()),
+        ..Default::default()
+    };
+    let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+    assert!(wait_state(&node, "b1", "up", Duration::from_secs(5)).is_some());
+
+    // 25 queued: the agent reports 75%, the LB scales b1's weight, no drain.
+    fill(&active, 25);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.log().contains("share=0.75") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(node.log().contains("share=0.75"), "weight share follows the agent:\n{}", node.log());
+    assert_eq!(state(&node, "b1"), "up");
+
+    // 60 queued (>= 50): drained.
+    fill(&active, 60);
+    wait_state(&node, "b1", "draining", Duration::from_secs(10)).unwrap_or_else(|| panic!("never drained:\n{}", node.log()));
+    assert!(node.log().contains("queue 60 >= 50"), "{}", node.log());
+
+    // 35 queued: between resume and drain, it stays drained at every look for 1.5 s.
+    trim(&active, 35);
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(state(&node, "b1"), "draining", "flapped back with the queue above resume");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // 10 queued (<= 20): taken back, and new sessions reach it again.
+    trim(&active, 10);
+    wait_state(&node, "b1", "up", Duration::from_secs(10)).unwrap_or_else(|| panic!("never resumed:\n{}", node.log()));
+    let outcomes = run_sessions(lab.client().ns(), lab.vip_addr(AddrFamily::V4, 25), &SessionOpts { sessions: 300, ..Default::default() }, &Progress::default()).unwrap();
+    assert!(outcomes.iter().all(|o| o.error.is_none()));
+    assert!(outcomes.iter().any(|o| o.backend.as_deref() == Some(b1.name().as_str())));
+}
+
 fn state(node: &MxlbNode, name: &str) -> String {
     let json = node.backends_json().expect("backend list --json");
     json.as_array()
