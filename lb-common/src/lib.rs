@@ -144,7 +144,7 @@ pub struct FlowState {
 /// Value of the per-CPU statistics maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(serde::Serialize))]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct Counters {
     pub packets: u64,
     pub bytes: u64,

@@ -63,6 +63,9 @@ pub struct NodeConfig {
     /// Outer IPv6 source for dsr-ipip; default: the first global IPv6 address of the first interface.
     #[serde(default)]
     pub encap_source_v6: Option<Ipv6Addr>,
+    /// Where to serve Prometheus metrics (`/metrics`); off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]

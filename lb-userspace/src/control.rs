@@ -52,6 +52,8 @@ pub struct Controller {
     probed: BTreeMap<String, Health>,
     /// Load as the load policy last judged it (absent = full share, not overloaded).
     load: BTreeMap<String, Load>,
+    /// Probes' moving-average response time per back-end (the slowest of its probes).
+    probe_rtt: BTreeMap<String, Duration>,
     /// Back-ends of dsr-l2 VIPs with no known MAC: held down until it is known, since frames
     /// cannot be addressed to them.
     unaddressable: BTreeSet<String>,
@@ -78,6 +80,7 @@ impl Controller {
             maps,
             probed: BTreeMap::new(),
             load: BTreeMap::new(),
+            probe_rtt: BTreeMap::new(),
             unaddressable: BTreeSet::new(),
             macs: BTreeMap::new(),
             encap: LbConfig::default(),
@@ -192,6 +195,50 @@ impl Controller {
             self.load.insert(backend.to_string(), load);
         }
         self.publish()
+    }
+
+    /// Notes a back-end's probe response time (shown by `mxlb status` and metrics).
+    pub fn record_probe_rtt(&mut self, backend: &str, rtt: Option<Duration>) {
+        match rtt {
+            Some(d) => self.probe_rtt.insert(backend.to_string(), d),
+            None => self.probe_rtt.remove(backend),
+        };
+    }
+
+    /// Everything at a glance: state, health, weights, load, probe times, counters.
+    pub fn status(&self) -> Result<crate::metrics::Status, ControlError> {
+        let rows = crate::report::backends(&self.desired, self.maps.as_ref())?;
+        let backends = rows
+            .into_iter()
+            .map(|r| {
+                let planned = self.last_plan.as_ref().and_then(|p| p.backends.iter().find(|b| b.name == r.name));
+                let load = self.load.get(&r.name);
+                crate::metrics::BackendStatus {
+                    health: match self.probed_health(&r.name) {
+                        Health::Up => "up".into(),
+                        Health::Down => "down".into(),
+                    },
+                    effective_weight: planned.map_or(0, |b| b.weight),
+                    load_share: load.map_or(1.0, |l| l.share),
+                    overloaded: load.and_then(|l| l.overloaded.clone()),
+                    drained_by_operator: r.drained,
+                    probe_ms: self.probe_rtt.get(&r.name).map(|d| d.as_secs_f64() * 1e3),
+                    admin_weight: r.weight,
+                    packets: r.counters.packets,
+                    bytes: r.counters.bytes,
+                    new_flows: r.counters.new_flows,
+                    name: r.name,
+                    address: r.address,
+                    state: r.state,
+                }
+            })
+            .collect();
+        let vips = crate::report::vips(&self.desired, self.maps.as_ref())?;
+        let decisions = match &self.maps {
+            Some(m) => m.reason_counters()?.into_iter().map(|(r, c)| (r.name().to_string(), c.packets)).collect(),
+            None => Vec::new(),
+        };
+        Ok(crate::metrics::Status { backends, vips, decisions })
     }
 
     /// The prober's current verdict on a back-end (absent = up).
@@ -315,6 +362,8 @@ impl StateLock {
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Change { change: Change },
+    /// `mxlb status`: the answer's message is the [`crate::metrics::Status`] as JSON.
+    Status,
     Ping,
 }
 
@@ -379,6 +428,10 @@ async fn handle(stream: UnixStream, controller: std::sync::Arc<Mutex<Controller>
             match serde_json::from_str::<Request>(&line) {
                 Err(e) => Response { ok: false, message: format!("bad request: {e}") },
                 Ok(Request::Ping) => Response { ok: true, message: "pong".into() },
+                Ok(Request::Status) => match controller.lock().await.status() {
+                    Ok(st) => Response { ok: true, message: serde_json::to_string(&st).unwrap_or_default() },
+                    Err(e) => Response { ok: false, message: e.to_string() },
+                },
                 Ok(Request::Change { change }) => match controller.lock().await.change(change).await {
                     Ok(m) => Response { ok: true, message: m },
                     Err(e) => Response { ok: false, message: e.to_string() },

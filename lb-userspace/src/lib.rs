@@ -17,6 +17,7 @@
 //! - [`prober`]: one probe task per back-end and service in `mxlb run`, verdicts to the controller.
 //! - [`control`]: the [`control::Controller`] that owns desired state, and the Unix socket the
 //!   CLI uses to reach a running agent.
+//! - [`metrics`]: Prometheus `/metrics` and the status behind `mxlb status`.
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
 //!
 //! The XDP program itself is in the `lb-ebpf` crate; the types both sides share are in
@@ -28,6 +29,7 @@ pub mod dataplane;
 pub mod desired;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod health;
 pub mod neighbours;
 pub mod policy;

@@ -66,6 +66,12 @@ enum Command {
     /// List, add, remove, weight or drain back-ends.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// The running agent at a glance: each back-end's state, health, weights, load and probe
+    /// time, and the data path's decisions (needs `mxlb run`).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Packet, byte and new-flow rates per VIP port, back-end and data-path decision.
     Stats {
         /// Seconds between the two samples the rates are computed from.
@@ -272,6 +278,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Backend(BackendCommand::Drain { name }) => change(config, Change::Drain { name }).await,
         Command::Backend(BackendCommand::Undrain { name }) => change(config, Change::Undrain { name }).await,
         Command::Stats { interval, json } => stats(config, interval, json).await,
+        Command::Status { json } => status(config, json).await,
         Command::Decap { action } => helper(Helper::Decap, action),
         Command::Pass { action } => helper(Helper::Pass, action),
     }
@@ -398,6 +405,48 @@ async fn list_backends(config: Config, json: bool) -> Result<()> {
             b.counters.new_flows,
             b.vips.join(",")
         );
+    }
+    Ok(())
+}
+
+async fn status(config: Config, json: bool) -> Result<()> {
+    let socket = config.node.control_socket.clone();
+    let answer = control::request(&socket, &Request::Status)
+        .await?
+        .with_context(|| format!("no agent answers on {}: is `mxlb run` started with this config?", socket.display()))?;
+    if !answer.ok {
+        bail!("{}", answer.message);
+    }
+    let st: mxlb::metrics::Status = serde_json::from_str(&answer.message).context("bad status from the agent")?;
+    if printed_json(&st, json)? {
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<10} {:<7} {:>6} {:>9} {:>6} {:>9}  {}",
+        "BACKEND", "STATE", "HEALTH", "WEIGHT", "EFFECTIVE", "SHARE", "PROBE MS", "NOTE"
+    );
+    for b in &st.backends {
+        let note = match (&b.overloaded, b.drained_by_operator) {
+            (Some(why), _) => format!("overloaded: {why}"),
+            (None, true) => "drained by operator".to_string(),
+            _ => String::new(),
+        };
+        println!(
+            "{:<12} {:<10} {:<7} {:>6} {:>9} {:>5.0}% {:>9}  {}",
+            b.name,
+            b.state,
+            b.health,
+            b.admin_weight,
+            b.effective_weight,
+            b.load_share * 100.0,
+            b.probe_ms.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into()),
+            note
+        );
+    }
+    println!();
+    println!("{:<22} {:>14}", "DECISION", "PACKETS");
+    for (reason, n) in &st.decisions {
+        println!("{reason:<22} {n:>14}");
     }
     Ok(())
 }
@@ -535,13 +584,24 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
             }
         })
     };
-    let prober = tokio::spawn(mxlb::prober::run(controller.clone(), health_settings, stop_rx.clone()));
+    let metrics = Arc::new(mxlb::metrics::Metrics::new());
+    let prober = tokio::spawn(mxlb::prober::run(controller.clone(), health_settings, metrics.clone(), stop_rx.clone()));
+    let metrics_server = node.metrics_listen.map(|addr| {
+        tokio::spawn(mxlb::metrics::serve(addr, metrics.clone(), controller.clone(), wait_stop(stop_rx.clone())))
+    });
     info!(socket = %node.control_socket.display(), "mxlb running; SIGTERM or SIGINT stops it");
     shutdown_signal().await?;
     info!("stopping");
     let _ = stop_tx.send(true);
     let _ = refresher.await;
     let _ = prober.await;
+    if let Some(m) = metrics_server {
+        match m.await {
+            Ok(Err(e)) => warn!(error = %e, "metrics server"),
+            Err(e) => warn!(error = %e, "metrics task"),
+            Ok(Ok(())) => {}
+        }
+    }
     match server.await {
         Ok(Err(e)) => warn!(error = %e, "control socket"),
         Err(e) => warn!(error = %e, "control task"),

@@ -97,10 +97,16 @@ struct Tracked {
 }
 
 /// Runs until `stop` turns true.
-pub async fn run(controller: Arc<Mutex<Controller>>, settings: HealthConfig, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    controller: Arc<Mutex<Controller>>,
+    settings: HealthConfig,
+    metrics: Arc<crate::metrics::Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
     let (tx, mut rx) = mpsc::channel::<Report>(1024);
     let mut sup = Supervisor {
         controller,
+        metrics,
         settings,
         tx,
         tracked: BTreeMap::new(),
@@ -129,6 +135,7 @@ pub async fn run(controller: Arc<Mutex<Controller>>, settings: HealthConfig, mut
 /// The one owner of probe and load state.
 struct Supervisor {
     controller: Arc<Mutex<Controller>>,
+    metrics: Arc<crate::metrics::Metrics>,
     settings: HealthConfig,
     tx: mpsc::Sender<Report>,
     tracked: BTreeMap<Target, Tracked>,
@@ -194,6 +201,7 @@ impl Supervisor {
 
     async fn on_probe(&mut self, target: Target, result: Result<Duration, ProbeError>) {
         let Some(tr) = self.tracked.get_mut(&target) else { return };
+        self.metrics.observe_probe(&target.backend, target.kind.as_str(), result.as_ref().map(|d| *d).map_err(|_| ()));
         match &result {
             Ok(rtt) => {
                 tr.rtt.update(*rtt);
@@ -252,7 +260,9 @@ impl Supervisor {
         let rtt = self.tracked.iter().filter(|(t, _)| t.backend == backend).filter_map(|(_, tr)| tr.rtt.get()).max();
         let lt = self.loads.entry(backend.to_string()).or_default();
         let load = lt.state.evaluate(lt.report.as_ref(), rtt, &self.settings);
-        if let Err(e) = self.controller.lock().await.set_load(backend, load) {
+        let mut controller = self.controller.lock().await;
+        controller.record_probe_rtt(backend, rtt);
+        if let Err(e) = controller.set_load(backend, load) {
             warn!(%backend, error = %e, "could not publish a load change");
         }
     }

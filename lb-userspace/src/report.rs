@@ -24,7 +24,7 @@ pub struct BackendRow {
     pub counters: Counters,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct VipRow {
     pub name: String,
     pub address: IpAddr,
@@ -35,7 +35,7 @@ pub struct VipRow {
     pub ports: Vec<PortRow>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct PortRow {
     pub port: u16,
     pub counters: Counters,

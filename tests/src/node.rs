@@ -81,11 +81,13 @@ pub struct NodeOpts {
     pub health: Option<String>,
     /// `agent_port` of the IPv4 back-ends (where `mxlb agent` listens on them), if any.
     pub agent_port: Option<u16>,
+    /// `[node] metrics_listen`, if any (e.g. the LB's address and a port).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None, agent_port: None }
+        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None, agent_port: None, metrics_listen: None }
     }
 }
 
@@ -157,6 +159,9 @@ impl<'a> MxlbNode<'a> {
             src4 = lab.lb().v4(),
             src6 = lab.lb().v6(),
         );
+        if let Some(m) = self.opts.metrics_listen {
+            s += &format!("metrics_listen = \"{m}\"\n\n");
+        }
         if let Some(h) = &self.opts.health {
             s += &format!("[health]\n{h}\n\n");
         }

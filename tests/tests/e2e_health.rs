@@ -51,9 +51,11 @@ fn agent_queue_drains_a_backend_with_hysteresis_and_scales_its_weight() {
         .arg("--spool")
         .arg(&spool);
     let _agent = lab::Daemon::spawn("mxlb agent", cmd, None).unwrap();
+    let metrics_addr: std::net::SocketAddr = format!("{}:9464", lab.lb().v4()).parse().unwrap();
     let opts = NodeOpts {
         mode: Mode::DsrL2,
         agent_port: Some(5555),
+        metrics_listen: Some(metrics_addr),
         health: Some("interval_ms = 100\nagent_interval_ms = 100\n[health.drain]\nqueue = 50\ndisk_pct = 99.9\nresponse_ms = 5000\n[health.resume]\nqueue = 20\ndisk_pct = 99.0\nresponse_ms = 4000".into()),
         ..Default::default()
     };
@@ -74,6 +76,25 @@ fn agent_queue_drains_a_backend_with_hysteresis_and_scales_its_weight() {
     wait_state(&node, "b1", "draining", Duration::from_secs(10)).unwrap_or_else(|| panic!("never drained:\n{}", node.log()));
     assert!(node.log().contains("queue 60 >= 50"), "{}", node.log());
 
+    // `mxlb status` and the Prometheus endpoint say why.
+    let st: serde_json::Value = serde_json::from_str(&node.cli(&["status", "--json"]).unwrap()).unwrap();
+    let b1_status = st["backends"].as_array().unwrap().iter().find(|b| b["name"] == "b1").unwrap().clone();
+    assert_eq!(b1_status["state"], "draining", "{b1_status}");
+    assert_eq!(b1_status["overloaded"], "queue 60 >= 50", "{b1_status}");
+    assert!(b1_status["probe_ms"].as_f64().is_some(), "{b1_status}");
+    let scrape = scrape(&lab, metrics_addr);
+    for want in [
+        "mxlb_backend_overloaded{backend=\"b1\"} 1",
+        "mxlb_backend_state{backend=\"b1\",state=\"draining\"} 1",
+        "mxlb_backend_effective_weight{backend=\"b1\"} 0",
+        "mxlb_backend_effective_weight{backend=\"b2\"} 100",
+        "mxlb_probe_duration_seconds_bucket{",
+        "mxlb_decisions_total{reason=\"forwarded\"}",
+        "mxlb_vip_packets_total{vip=\"mx\",port=\"25\"}",
+    ] {
+        assert!(scrape.contains(want), "metrics lack `{want}`:\n{scrape}");
+    }
+
     // 35 queued: between resume and drain, it stays drained at every look for 1.5 s.
     trim(&active, 35);
     let until = Instant::now() + Duration::from_millis(1500);
@@ -88,6 +109,23 @@ fn agent_queue_drains_a_backend_with_hysteresis_and_scales_its_weight() {
     let outcomes = run_sessions(lab.client().ns(), lab.vip_addr(AddrFamily::V4, 25), &SessionOpts { sessions: 300, ..Default::default() }, &Progress::default()).unwrap();
     assert!(outcomes.iter().all(|o| o.error.is_none()));
     assert!(outcomes.iter().any(|o| o.backend.as_deref() == Some(b1.name().as_str())));
+}
+
+/// GET /metrics from the client namespace.
+fn scrape(lab: &Lab, addr: std::net::SocketAddr) -> String {
+    use std::io::{Read as _, Write as _};
+    lab.client()
+        .ns()
+        .run(move || {
+            let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to /metrics");
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n").unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).unwrap();
+            assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+            out
+        })
+        .unwrap()
 }
 
 fn state(node: &MxlbNode, name: &str) -> String {

@@ -1,0 +1,238 @@
+//! Prometheus metrics (`/metrics`, address in `[node] metrics_listen`) and the status that
+//! `mxlb status` prints: per-VIP and per-back-end counters from the data path's maps, health and
+//! load state, admin and effective weights, probe latency histograms, and every data-path
+//! decision (dropped, shed, passed) by reason.
+//!
+//! Counters live in the BPF maps and state in the controller, so they are read at scrape time
+//! (a [`Collector`]); probe latencies are observed as they happen (histograms).
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::Full;
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::Histogram,
+    },
+    registry::Registry,
+};
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::Mutex};
+use tracing::{info, warn};
+
+use crate::{control::Controller, report};
+
+/// Labels of the probe metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub backend: String,
+    pub check: String,
+}
+
+/// One back-end at a glance (`mxlb status`, and the source of the per-back-end gauges).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct BackendStatus {
+    pub name: String,
+    pub address: std::net::IpAddr,
+    /// State in the data path: up, draining, down, unused.
+    pub state: String,
+    /// What the probes say (up/down), before drains.
+    pub health: String,
+    pub admin_weight: u32,
+    /// Weight in the Maglev tables now (admin × load share; 0 when drained or down).
+    pub effective_weight: u32,
+    pub load_share: f64,
+    /// Why it is drained for overload, if it is.
+    pub overloaded: Option<String>,
+    pub drained_by_operator: bool,
+    /// Probes' moving-average response time.
+    pub probe_ms: Option<f64>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Everything `mxlb status` shows.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct Status {
+    pub backends: Vec<BackendStatus>,
+    pub vips: Vec<report::VipRow>,
+    /// Data-path decisions (packets) by reason: forwarded, dropped, passed, shed.
+    pub decisions: Vec<(String, u64)>,
+}
+
+/// The agent's metrics: the probe histograms, and a collector reading the rest on scrape.
+pub struct Metrics {
+    registry: Registry,
+    probe_duration: Family<ProbeLabels, Histogram>,
+    probe_failures: Family<ProbeLabels, Counter>,
+    current: Arc<std::sync::Mutex<Option<Status>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+#[derive(Debug)]
+struct StatusCollector(Arc<std::sync::Mutex<Option<Status>>>);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mxlb");
+        let probe_duration = Family::<ProbeLabels, Histogram>::new_with_constructor(|| {
+            // 0.5 ms .. ~4 s
+            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0])
+        });
+        registry.register("probe_duration_seconds", "Duration of successful health probes", probe_duration.clone());
+        let probe_failures = Family::<ProbeLabels, Counter>::default();
+        registry.register("probe_failures", "Failed health probes", probe_failures.clone());
+        let current = Arc::new(std::sync::Mutex::new(None));
+        registry.register_collector(Box::new(StatusCollector(current.clone())));
+        Metrics { registry, probe_duration, probe_failures, current }
+    }
+
+    /// Records one probe result.
+    pub fn observe_probe(&self, backend: &str, check: &str, result: Result<Duration, ()>) {
+        let labels = ProbeLabels { backend: backend.to_string(), check: check.to_string() };
+        match result {
+            Ok(d) => self.probe_duration.get_or_create(&labels).observe(d.as_secs_f64()),
+            Err(()) => {
+                self.probe_failures.get_or_create(&labels).inc();
+            }
+        }
+    }
+
+    /// The text exposition of everything, with `status` as the current state.
+    pub fn render(&self, status: Status) -> Result<String, std::fmt::Error> {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+impl Collector for StatusCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = guard.as_ref() else { return Ok(()) };
+        type Pick = fn(&BackendStatus) -> f64;
+        let counters: [(&str, &str, fn(&BackendStatus) -> u64); 3] = [
+            ("backend_packets", "Packets forwarded to the back-end", |b| b.packets),
+            ("backend_bytes", "Bytes forwarded to the back-end (as received)", |b| b.bytes),
+            ("backend_new_flows", "Flows for which the back-end was newly selected", |b| b.new_flows),
+        ];
+        for (name, help, pick) in counters {
+            let mut me = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for b in &s.backends {
+                ConstCounter::new(pick(b)).encode(me.encode_family(&[("backend", b.name.as_str())])?)?;
+            }
+        }
+        let gauges: [(&str, &str, Pick); 5] = [
+            ("backend_up", "1 when the probes say the back-end is up", |b| (b.health == "up") as u8 as f64),
+            ("backend_admin_weight", "Weight set by the operator", |b| b.admin_weight as f64),
+            ("backend_effective_weight", "Weight in the Maglev tables now", |b| b.effective_weight as f64),
+            ("backend_load_share", "Share of the admin weight granted for its load", |b| b.load_share),
+            ("backend_overloaded", "1 while drained for overload", |b| b.overloaded.is_some() as u8 as f64),
+        ];
+        for (name, help, pick) in gauges {
+            let mut me = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for b in &s.backends {
+                ConstGauge::new(pick(b)).encode(me.encode_family(&[("backend", b.name.as_str())])?)?;
+            }
+        }
+        let mut me = encoder.encode_descriptor("backend_state", "1 for the back-end's state in the data path", None, MetricType::Gauge)?;
+        for b in &s.backends {
+            for st in ["up", "draining", "down"] {
+                ConstGauge::new((b.state == st) as i64).encode(me.encode_family(&[("backend", b.name.as_str()), ("state", st)])?)?;
+            }
+        }
+        let vip_counters: [(&str, &str, fn(&lb_common::Counters) -> u64); 3] = [
+            ("vip_packets", "Packets to the VIP port", |c| c.packets),
+            ("vip_bytes", "Bytes to the VIP port", |c| c.bytes),
+            ("vip_new_flows", "New flows to the VIP port", |c| c.new_flows),
+        ];
+        for (name, help, pick) in vip_counters {
+            let mut me = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for v in &s.vips {
+                for p in &v.ports {
+                    let port = p.port.to_string();
+                    ConstCounter::new(pick(&p.counters))
+                        .encode(me.encode_family(&[("vip", v.name.as_str()), ("port", port.as_str())])?)?;
+                }
+            }
+        }
+        let mut me = encoder.encode_descriptor(
+            "decisions",
+            "Data-path decisions by reason (forwarded, dropped, passed, shed)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in &s.decisions {
+            ConstCounter::new(*n).encode(me.encode_family(&[("reason", reason.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves `/metrics` on `addr` until `stop` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    controller: Arc<Mutex<Controller>>,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    info!(%addr, "metrics on http://{addr}/metrics");
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let (metrics, controller) = (metrics.clone(), controller.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (metrics, controller) = (metrics.clone(), controller.clone());
+                        async move { Ok::<_, std::convert::Infallible>(respond(req, &metrics, &controller).await) }
+                    });
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await.unwrap_or(Ok(())) {
+                        warn!(error = %e, "metrics connection");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn respond(req: Request<hyper::body::Incoming>, metrics: &Metrics, controller: &Mutex<Controller>) -> Response<Full<Bytes>> {
+    let reply = |code: u16, ctype: &str, body: String| {
+        Response::builder()
+            .status(code)
+            .header("Content-Type", ctype)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    };
+    if req.method() != hyper::Method::GET || req.uri().path() != "/metrics" {
+        return reply(404, "text/plain", "not found: try /metrics\n".into());
+    }
+    let status = controller.lock().await.status();
+    match status.map_err(|e| e.to_string()).and_then(|s| metrics.render(s).map_err(|e| e.to_string())) {
+        Ok(text) => reply(200, "text/plain; version=0.0.4; charset=utf-8", text),
+        Err(e) => reply(500, "text/plain", format!("{e}\n")),
+    }
+}
