@@ -198,3 +198,66 @@ fn dead_mail_server_is_marked_down_and_avoided_then_returns() {
     assert!(outcomes.iter().any(|o| o.backend.as_deref() == Some(victim.as_str())), "back-end 1 takes sessions again");
     drop(revived);
 }
+
+/// A hostile "mail server" on back-end `i`'s port 25 (IPv4 and IPv6), run on threads inside its
+/// namespace until `stop`: `tarpit` accepts and never answers; otherwise it sends garbage.
+fn hostile_server(lab: &Lab, i: usize, tarpit: bool, stop: &'static std::sync::atomic::AtomicBool) {
+    let host = lab.backend(i);
+    let addrs = [std::net::SocketAddr::new(host.v4().into(), 25), std::net::SocketAddr::new(host.v6().into(), 25)];
+    for addr in addrs {
+        let listener = host.ns().run(move || std::net::TcpListener::bind(addr)).unwrap().expect("bind hostile server");
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            let mut held = Vec::new();
+            while !stop.load(Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) if !tarpit => {
+                        let _ = s.write_all(b"\x16\x03\x01\x00\xa5 HTTP/1.1 400 Bad Request\r\n");
+                        held.push(s);
+                    }
+                    Ok((s, _)) => held.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+                held.truncate(1000);
+            }
+        });
+    }
+}
+
+#[test]
+fn servers_that_hang_or_send_garbage_are_marked_down_with_a_reason() {
+    if !lab::require_root("servers_that_hang_or_send_garbage_are_marked_down_with_a_reason") {
+        return;
+    }
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let lab = Lab::builder().backends(3).build().expect("lab");
+    let opts = NodeOpts {
+        mode: Mode::DsrL2,
+        health: Some("interval_ms = 100\ntimeout_ms = 300\nrise = 2\nfall = 2".into()),
+        ..Default::default()
+    };
+    let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+    assert!(wait_state(&node, "b1", "up", Duration::from_secs(5)).is_some());
+    // Replace the sinks of back-ends 1 and 2 with a tarpit and a garbage sender.
+    for i in [1, 2] {
+        for pid in lab.sink(i).pids() {
+            // SAFETY: kill(2) on a process the lab started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    hostile_server(&lab, 1, true, &STOP);
+    hostile_server(&lab, 2, false, &STOP);
+    let down1 = wait_state(&node, "b1", "down", Duration::from_secs(10));
+    let down2 = wait_state(&node, "b2", "down", Duration::from_secs(10));
+    STOP.store(true, Relaxed);
+    assert!(down1.is_some() && down2.is_some(), "both marked down:\n{}", node.log());
+    let log = node.log();
+    assert!(log.contains("backend=b1") && log.contains("timed out at greeting"), "tarpit reason:\n{log}");
+    assert!(log.contains("backend=b2") && log.contains("garbage"), "garbage reason:\n{log}");
+    // The agent still serves and answers: probes never hang it.
+    assert_eq!(state(&node, "b3"), "up");
+    let outcomes = run_sessions(lab.client().ns(), lab.vip_addr(AddrFamily::V4, 25), &SessionOpts { sessions: 100, ..Default::default() }, &Progress::default()).unwrap();
+    assert!(outcomes.iter().all(|o| o.error.is_none() && o.backend.as_deref() == Some(lab.backend(3).name().as_str())));
+}
