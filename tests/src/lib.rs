@@ -28,3 +28,4 @@ pub use lab::topology::{
 pub mod frames;
 pub mod node;
 pub mod sessions;
+pub mod dovecot;

@@ -83,11 +83,13 @@ pub struct NodeOpts {
     pub agent_port: Option<u16>,
     /// `[node] metrics_listen`, if any (e.g. the LB's address and a port).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The VIPs' `check` (default: by port).
+    pub check: Option<String>,
 }
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None, agent_port: None, metrics_listen: None }
+        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None, agent_port: None, metrics_listen: None, check: None }
     }
 }
 
@@ -167,10 +169,11 @@ impl<'a> MxlbNode<'a> {
         }
         for (name, fam, suffix) in [("mx", AddrFamily::V4, ""), ("mx6", AddrFamily::V6, "v6")] {
             s += &format!(
-                "[[vip]]\nname = \"{name}\"\naddress = \"{}\"\nports = [{ports}]\nmode = \"{}\"\nbackends = [{}]\n\n",
+                "[[vip]]\nname = \"{name}\"\naddress = \"{}\"\nports = [{ports}]\nmode = \"{}\"\nbackends = [{}]\n{}\n",
                 lab.vip(fam),
                 self.opts.mode.as_str(),
-                list(suffix)
+                list(suffix),
+                self.opts.check.as_ref().map(|c| format!("check = \"{c}\"\n")).unwrap_or_default()
             );
         }
         for (fam, suffix) in [(AddrFamily::V4, ""), (AddrFamily::V6, "v6")] {

@@ -261,3 +261,60 @@ fn servers_that_hang_or_send_garbage_are_marked_down_with_a_reason() {
     let outcomes = run_sessions(lab.client().ns(), lab.vip_addr(AddrFamily::V4, 25), &SessionOpts { sessions: 100, ..Default::default() }, &Progress::default()).unwrap();
     assert!(outcomes.iter().all(|o| o.error.is_none() && o.backend.as_deref() == Some(lab.backend(3).name().as_str())));
 }
+
+/// Reads the greeting of a POP3/IMAP session through the VIP and says which Dovecot sent it.
+fn greeting_via_vip(lab: &Lab, port: u16, names: &[String]) -> Result<String, String> {
+    use std::io::Read as _;
+    let vip = lab.vip_addr(AddrFamily::V4, port);
+    let names = names.to_vec();
+    lab.client()
+        .ns()
+        .run(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 512];
+            let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+            let g = String::from_utf8_lossy(&buf[..n]).to_string();
+            names.into_iter().find(|name| g.contains(&format!("{name} ready."))).ok_or(g)
+        })
+        .map_err(|e| e.to_string())?
+}
+
+#[test]
+fn pop3_and_imap_probes_follow_real_dovecot() {
+    if !lab::require_root("pop3_and_imap_probes_follow_real_dovecot") {
+        return;
+    }
+    for (port, check) in [(143u16, "imap"), (110, "pop3")] {
+        let lab = Lab::builder().backends(3).no_sinks().build().expect("lab");
+        let mut dovecots: Vec<lab::dovecot::Dovecot> = lab
+            .backends()
+            .iter()
+            .map(|b| lab::dovecot::Dovecot::start(b.ns(), &b.name(), &[("alice@example.com", "secret")], b.v4().into()).expect("dovecot"))
+            .collect();
+        let names: Vec<String> = dovecots.iter().map(|d| d.name.clone()).collect();
+        let opts = NodeOpts {
+            mode: Mode::DsrL2,
+            ports: vec![port],
+            check: Some(check.into()),
+            health: Some("interval_ms = 100\ntimeout_ms = 500\nrise = 2\nfall = 2".into()),
+            ..Default::default()
+        };
+        let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+        // The real servers pass the probe; sessions through the VIP reach all of them.
+        for b in ["b1", "b2", "b3"] {
+            assert!(wait_state(&node, b, "up", Duration::from_secs(5)).is_some(), "{check}: {b}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!node.log().contains("back-end down"), "{check}: a real Dovecot failed the probe:\n{}", node.log());
+        // Dovecot on back-end 1 stops: it is marked down and no greeting comes from it.
+        dovecots[0].stop();
+        wait_state(&node, "b1", "down", Duration::from_secs(10)).unwrap_or_else(|| panic!("{check}: never marked down:\n{}", node.log()));
+        for _ in 0..30 {
+            let from = greeting_via_vip(&lab, port, &names).unwrap_or_else(|g| panic!("{check}: unexpected greeting {g:?}"));
+            assert_ne!(from, names[0], "{check}: a session reached the stopped server");
+        }
+        drop(node);
+        dovecots.clear();
+    }
+}

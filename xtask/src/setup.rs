@@ -4,7 +4,7 @@
 //! 1. rust-src for the nightly toolchain (lb-ebpf builds with `-Z build-std=core`);
 //! 2. Debian packages: llvm-22-dev + libpolly-22-dev (bpf-linker links against LLVM 22, the
 //!    version rustc uses), and the lab's packages: postfix (for `smtp-sink`/`smtp-source`),
-//!    iproute2, ethtool, swaks (with its IPv6/TLS/AUTH perl modules), haproxy. `apt-get update` runs once, only when something is missing;
+//!    iproute2, ethtool, swaks (with its IPv6/TLS/AUTH perl modules), haproxy, dovecot. `apt-get update` runs once, only when something is missing;
 //! 3. bpf-linker 0.13.0 built against Debian's LLVM 22 (prebuilt downloads are unreachable).
 //!
 //! The lab only runs Postfix's test programs inside its own namespaces; the system Postfix
@@ -33,6 +33,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libnet-ssleay-perl", "STARTTLS for swaks"),
     ("libauthen-sasl-perl", "AUTH for swaks"),
     ("haproxy", "reads the mxlb agent in the agent-check interop test"),
+    ("dovecot-imapd", "real IMAP back-ends in the lab"),
+    ("dovecot-pop3d", "real POP3 back-ends in the lab"),
+    ("dovecot-lmtpd", "real LMTP back-ends in the lab"),
 ];
 
 pub fn run() -> Result<()> {

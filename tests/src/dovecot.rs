@@ -1,0 +1,102 @@
+//! Dovecot (Debian's dovecot-imapd/-pop3d/-lmtpd) as a real POP3/IMAP/LMTP back-end in a lab
+//! namespace: its own config, runtime and mail directories under a temp dir, passwd-file users,
+//! greeting with the back-end's name so a client can tell which back-end answered. Stopped and
+//! removed on drop.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{Daemon, Netns};
+
+/// A running Dovecot.
+pub struct Dovecot {
+    daemon: Option<Daemon>,
+    dir: PathBuf,
+    /// Its name, as it appears in its greetings (`+OK NAME ready.`, `* OK ... NAME ready.`).
+    pub name: String,
+}
+
+impl Dovecot {
+    /// Starts Dovecot in `ns` with POP3 on 110, IMAP on 143 and LMTP on 24 (IPv4 and IPv6), and
+    /// `users` (name, password); waits (≤ 10 s) until IMAP and POP3 answer on `probe_addr`'s IP.
+    pub fn start(ns: &Netns, name: &str, users: &[(&str, &str)], probe_ip: std::net::IpAddr) -> Result<Dovecot> {
+        let dir = std::env::temp_dir().join(format!("{}-dovecot-{name}", ns.name()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["run", "state", "mail"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        // Dovecot drops privileges to nobody for mail and logins.
+        let chown = |p: &PathBuf| std::process::Command::new("chown").args(["-R", "nobody:nogroup"]).arg(p).status();
+        chown(&dir.join("mail")).context("chown mail dir")?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let users_file = dir.join("users");
+        let lines: String = users
+            .iter()
+            .map(|(u, p)| format!("{u}:{{PLAIN}}{p}:65534:65534::{}::\n", dir.join("mail").join(u).display()))
+            .collect();
+        std::fs::write(&users_file, lines)?;
+        let d = dir.display();
+        let conf = format!(
+            "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
+             protocols = imap pop3 lmtp\nlisten = *, ::\nssl = no\ndisable_plaintext_auth = no\n\
+             auth_mechanisms = plain login\nlogin_greeting = {name} ready.\n\
+             default_internal_user = nobody\ndefault_internal_group = nogroup\ndefault_login_user = nobody\n\
+             mail_location = maildir:~/Maildir\n\
+             passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {users}\n}}\n\
+             userdb {{\n  driver = passwd-file\n  args = username_format=%u {users}\n}}\n\
+             service imap-login {{\n  chroot =\n  inet_listener imap {{\n    port = 143\n  }}\n}}\n\
+             service pop3-login {{\n  chroot =\n  inet_listener pop3 {{\n    port = 110\n  }}\n}}\n\
+             service lmtp {{\n  inet_listener lmtp {{\n    port = 24\n  }}\n}}\n\
+             service anvil {{\n  chroot =\n}}\n\
+             service imap-urlauth-login {{\n  chroot =\n}}\n",
+            users = users_file.display()
+        );
+        let conf_path = dir.join("dovecot.conf");
+        std::fs::write(&conf_path, conf)?;
+        let daemon = ns.spawn(&format!("dovecot {name}"), &["dovecot", "-F", "-c", conf_path.to_str().context("path")?])?;
+        let mut dc = Dovecot { daemon: Some(daemon), dir, name: name.to_string() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for port in [143u16, 110] {
+            let addr = SocketAddr::new(probe_ip, port);
+            loop {
+                let up = ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?;
+                if up {
+                    break;
+                }
+                if let Some(d) = dc.daemon.as_mut() {
+                    if let Some(st) = d.exited() {
+                        bail!("dovecot {name} exited ({st}): {}\n{}", d.log(), dc.log());
+                    }
+                }
+                if Instant::now() > deadline {
+                    bail!("dovecot {name} does not listen on {addr}:\n{}", dc.log());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(dc)
+    }
+
+    /// Its log file.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default()
+    }
+
+    /// Stops it (SIGTERM to its process group, then SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
