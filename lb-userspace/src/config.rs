@@ -105,6 +105,13 @@ pub struct HealthConfig {
     /// See `drain`.
     #[serde(default = "LoadThresholds::resume_defaults")]
     pub resume: LoadThresholds,
+    /// PEM file of the CA(s) for implicit-TLS probes (smtps/pop3s/imaps); without it the
+    /// certificate is not checked (the probe tests TLS and the protocol, not identity).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Name the back-ends' certificates must carry (default: the back-end's address).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
 }
 
 /// Queue length, spool disk utilisation and probe response time at which a back-end is
@@ -139,6 +146,8 @@ impl Default for HealthConfig {
             agent_interval_ms: default_agent_interval_ms(),
             drain: LoadThresholds::default(),
             resume: LoadThresholds::resume_defaults(),
+            tls_ca: None,
+            tls_server_name: None,
         }
     }
 }
@@ -174,6 +183,12 @@ pub enum CheckSetting {
     Pop3,
     /// `* OK` greeting, LOGOUT.
     Imap,
+    /// SMTP over implicit TLS (port 465).
+    Smtps,
+    /// POP3 over implicit TLS (port 995).
+    Pop3s,
+    /// IMAP over implicit TLS (port 993).
+    Imaps,
 }
 
 /// One virtual address with the ports it balances over one back-end pool.
@@ -188,7 +203,8 @@ pub struct VipConfig {
     #[serde(default)]
     pub backends: Vec<String>,
     /// Probe for this VIP's back-ends, sent to each back-end's address on the VIP's first
-    /// port. Default: by that port (25/587/2525 smtp, 110 pop3, 143 imap, else tcp).
+    /// port. Default: by that port (25/587/2525 smtp, 110 pop3, 143 imap, 465 smtps,
+    /// 995 pop3s, 993 imaps, else tcp).
     #[serde(default)]
     pub check: Option<CheckSetting>,
 }
@@ -203,6 +219,9 @@ impl VipConfig {
             Some(25 | 587 | 2525) => CheckSetting::Smtp,
             Some(110) => CheckSetting::Pop3,
             Some(143) => CheckSetting::Imap,
+            Some(465) => CheckSetting::Smtps,
+            Some(995) => CheckSetting::Pop3s,
+            Some(993) => CheckSetting::Imaps,
             _ => CheckSetting::Tcp,
         })
     }
@@ -448,6 +467,12 @@ impl Config {
         for (key, v) in [("rise", h.rise), ("fall", h.fall)] {
             if !(1..=100).contains(&v) {
                 p(KeyPath::new("health").key(key), format!("{v} is out of range (1 to 100)"));
+            }
+        }
+        if h.tls_ca.is_some() || h.tls_server_name.is_some() {
+            if let Err(e) = crate::health::ProbeTls::new(h.tls_ca.as_deref(), h.tls_server_name.as_deref()) {
+                let key = if matches!(e, crate::health::TlsSetupError::Name(_)) { "tls_server_name" } else { "tls_ca" };
+                p(KeyPath::new("health").key(key), e.to_string());
             }
         }
         if !(100..=60_000).contains(&h.agent_interval_ms) {

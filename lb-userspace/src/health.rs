@@ -95,6 +95,8 @@ impl fmt::Display for CheckKind {
 pub enum Stage {
     /// Opening the TCP connection.
     Connect,
+    /// The TLS handshake (implicit-TLS ports: 465, 993, 995).
+    Tls,
     /// Waiting for the server's greeting.
     Greeting,
     /// Sending `EHLO` and waiting for its reply (SMTP only).
@@ -105,6 +107,7 @@ impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Stage::Connect => "connect",
+            Stage::Tls => "TLS handshake",
             Stage::Greeting => "greeting",
             Stage::Ehlo => "EHLO",
         })
@@ -461,23 +464,136 @@ impl From<Failure> for ProbeError {
     }
 }
 
-/// Probes one back-end: connects to `addr` and runs the `kind` dialogue. Returns how long the
-/// check took (connect to the last awaited reply; the goodbye is not counted).
+/// TLS for probes of implicit-TLS ports.
 ///
-/// `timeout` bounds the whole probe (connect, every read and write), not each step, so a
-/// server that dribbles bytes cannot stretch a probe, and a server that accepts and never
-/// answers fails with [`ProbeError::Timeout`] once `timeout` has passed.
-pub async fn probe(kind: CheckKind, addr: SocketAddr, timeout: Duration) -> Result<Duration, ProbeError> {
+/// With a CA the server's certificate must chain to it and name `server_name`; without one the
+/// certificate is not checked: the probe then tests that TLS and the mail protocol work on the
+/// back-end, not its identity (it sends no secret), as HAProxy's `check-ssl verify none` does.
+#[derive(Clone)]
+pub struct ProbeTls {
+    connector: tokio_rustls::TlsConnector,
+    server_name: Option<rustls::pki_types::ServerName<'static>>,
+}
+
+impl fmt::Debug for ProbeTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProbeTls").field("server_name", &self.server_name).finish()
+    }
+}
+
+/// Errors setting up probe TLS (reported at start with the file).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{path}: {message}")]
+    Ca { path: String, message: String },
+    #[error("`{0}` is not a valid TLS server name")]
+    Name(String),
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+impl ProbeTls {
+    /// `ca`: PEM file of the CA(s) that sign the back-ends' certificates (None: not checked).
+    /// `server_name`: the name certificates must carry (default: the back-end's address).
+    pub fn new(ca: Option<&std::path::Path>, server_name: Option<&str>) -> Result<ProbeTls, TlsSetupError> {
+        use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+        let config = match ca {
+            Some(path) => {
+                let err = |message: String| TlsSetupError::Ca { path: path.display().to_string(), message };
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
+                    roots.add(cert.map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
+                }
+                if roots.is_empty() {
+                    return Err(err("no certificate in the file".into()));
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            None => builder
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth(),
+        };
+        let server_name = server_name
+            .map(|n| ServerName::try_from(n.to_string()).map_err(|_| TlsSetupError::Name(n.to_string())))
+            .transpose()?;
+        Ok(ProbeTls { connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)), server_name })
+    }
+}
+
+/// Accepts any certificate (see [`ProbeTls`]); signatures are still verified, so the handshake
+/// is a real one.
+#[derive(Debug)]
+struct AnyCertificate(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Probes `addr` with the `kind` dialogue (over TLS when `tls` is given), all of it bounded by
+/// one deadline `timeout` away; returns how long the dialogue took.
+pub async fn probe(kind: CheckKind, addr: SocketAddr, timeout: Duration, tls: Option<&ProbeTls>) -> Result<Duration, ProbeError> {
     let start = Instant::now();
     // A timeout too large to add (Duration::MAX) means "no practical bound", not a panic.
     let deadline = start.checked_add(timeout).unwrap_or_else(|| start + Duration::from_secs(365 * 86400));
-    let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+    let stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
         Err(_) => return Err(ProbeError::Timeout { stage: Stage::Connect }),
         Ok(Err(e)) => return Err(ProbeError::Connect(e)),
         Ok(Ok(s)) => s,
     };
     // Commands are single small writes; do not let Nagle hold one back behind the last.
     let _ = stream.set_nodelay(true);
+    match tls {
+        None => converse(stream, kind, start, deadline).await,
+        Some(t) => {
+            let name = t.server_name.clone().unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+            let tls_stream = match timeout_at(deadline, t.connector.connect(name, stream)).await {
+                Err(_) => return Err(ProbeError::Timeout { stage: Stage::Tls }),
+                Ok(Err(source)) => return Err(ProbeError::Io { stage: Stage::Tls, source }),
+                Ok(Ok(s)) => s,
+            };
+            converse(tls_stream, kind, start, deadline).await
+        }
+    }
+}
+
+/// The dialogue over an open connection (plain or TLS).
+async fn converse<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    kind: CheckKind,
+    start: Instant,
+    deadline: Instant,
+) -> Result<Duration, ProbeError> {
     let mut dialogue = Dialogue::new(kind);
     let mut buf = [0u8; 2048];
     loop {
@@ -1153,7 +1269,7 @@ mod tests {
 
     /// Runs a probe under [`GUARD`]: the test fails, rather than hangs, if it never returns.
     async fn run(kind: CheckKind, addr: SocketAddr, timeout: Duration) -> Result<Duration, ProbeError> {
-        tokio::time::timeout(GUARD, probe(kind, addr, timeout)).await.expect("probe returned within its guard")
+        tokio::time::timeout(GUARD, probe(kind, addr, timeout, None)).await.expect("probe returned within its guard")
     }
 
     async fn client_sent(task: JoinHandle<Vec<String>>) -> Vec<String> {

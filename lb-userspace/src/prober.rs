@@ -39,6 +39,15 @@ pub struct Target {
     pub backend: String,
     pub kind: CheckKind,
     pub addr: SocketAddr,
+    /// Implicit TLS (smtps, pop3s, imaps).
+    pub tls: bool,
+}
+
+impl Target {
+    /// The check's name as configured: smtp, pop3s, imaps, ...
+    pub fn check_name(&self) -> String {
+        format!("{}{}", self.kind.as_str(), if self.tls { "s" } else { "" })
+    }
 }
 
 /// The probes the desired state calls for, one per back-end, check and port.
@@ -46,17 +55,20 @@ pub fn targets(desired: &Desired) -> BTreeSet<Target> {
     let c = &desired.config;
     let mut out = BTreeSet::new();
     for v in &c.vips {
-        let kind = match v.check() {
+        let (kind, tls) = match v.check() {
             CheckSetting::None => continue,
-            CheckSetting::Tcp => CheckKind::Tcp,
-            CheckSetting::Smtp => CheckKind::Smtp,
-            CheckSetting::Pop3 => CheckKind::Pop3,
-            CheckSetting::Imap => CheckKind::Imap,
+            CheckSetting::Tcp => (CheckKind::Tcp, false),
+            CheckSetting::Smtp => (CheckKind::Smtp, false),
+            CheckSetting::Pop3 => (CheckKind::Pop3, false),
+            CheckSetting::Imap => (CheckKind::Imap, false),
+            CheckSetting::Smtps => (CheckKind::Smtp, true),
+            CheckSetting::Pop3s => (CheckKind::Pop3, true),
+            CheckSetting::Imaps => (CheckKind::Imap, true),
         };
         let Some(port) = v.ports.first() else { continue };
         for name in &v.backends {
             if let Some(b) = c.backend(name) {
-                out.insert(Target { backend: name.clone(), kind, addr: SocketAddr::new(b.address, *port) });
+                out.insert(Target { backend: name.clone(), kind, addr: SocketAddr::new(b.address, *port), tls });
             }
         }
     }
@@ -104,7 +116,15 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let (tx, mut rx) = mpsc::channel::<Report>(1024);
+    let tls = match health::ProbeTls::new(settings.tls_ca.as_deref(), settings.tls_server_name.as_deref()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!(error = %e, "TLS probes cannot run; they will fail");
+            None
+        }
+    };
     let mut sup = Supervisor {
+        tls,
         controller,
         metrics,
         settings,
@@ -134,6 +154,8 @@ pub async fn run(
 
 /// The one owner of probe and load state.
 struct Supervisor {
+    /// TLS for implicit-TLS probes (validated with the config, so present when it loads).
+    tls: Option<health::ProbeTls>,
     controller: Arc<Mutex<Controller>>,
     metrics: Arc<crate::metrics::Metrics>,
     settings: HealthConfig,
@@ -168,7 +190,7 @@ impl Supervisor {
             }
             // Spread the probes over the interval rather than all at once.
             let offset = interval.mul_f64((i % 16) as f64 / 16.0);
-            let task = tokio::spawn(probe_loop(t.clone(), interval, timeout, offset, self.tx.clone()));
+            let task = tokio::spawn(probe_loop(t.clone(), interval, timeout, offset, self.tls.clone(), self.tx.clone()));
             let verdict = RiseFall::new(self.settings.rise, self.settings.fall);
             self.tracked.insert(t, Tracked { task, verdict, rtt: Ewma::new(0.3), last_error: None });
         }
@@ -201,7 +223,7 @@ impl Supervisor {
 
     async fn on_probe(&mut self, target: Target, result: Result<Duration, ProbeError>) {
         let Some(tr) = self.tracked.get_mut(&target) else { return };
-        self.metrics.observe_probe(&target.backend, target.kind.as_str(), result.as_ref().map(|d| *d).map_err(|_| ()));
+        self.metrics.observe_probe(&target.backend, &target.check_name(), result.as_ref().map(|d| *d).map_err(|_| ()));
         match &result {
             Ok(rtt) => {
                 tr.rtt.update(*rtt);
@@ -220,11 +242,11 @@ impl Supervisor {
             .tracked
             .iter()
             .filter(|(t, tr)| t.backend == target.backend && tr.verdict.is_down())
-            .map(|(t, tr)| format!("{:?} {}: {}", t.kind, t.addr, tr.last_error.as_deref().unwrap_or("failing")))
+            .map(|(t, tr)| format!("{} {}: {}", t.check_name(), t.addr, tr.last_error.as_deref().unwrap_or("failing")))
             .collect();
         let (health, reason) = if down.is_empty() {
             let rtt = self.tracked.get(&target).and_then(|tr| tr.rtt.get()).unwrap_or_default();
-            (Health::Up, format!("{:?} {} answering (avg {:.1} ms)", target.kind, target.addr, rtt.as_secs_f64() * 1e3))
+            (Health::Up, format!("{} {} answering (avg {:.1} ms)", target.check_name(), target.addr, rtt.as_secs_f64() * 1e3))
         } else {
             (Health::Down, down.join("; "))
         };
@@ -280,13 +302,24 @@ async fn agent_loop(backend: String, addr: SocketAddr, every: Duration, timeout:
     }
 }
 
-async fn probe_loop(target: Target, interval: Duration, timeout: Duration, offset: Duration, tx: mpsc::Sender<Report>) {
+async fn probe_loop(
+    target: Target,
+    interval: Duration,
+    timeout: Duration,
+    offset: Duration,
+    tls: Option<health::ProbeTls>,
+    tx: mpsc::Sender<Report>,
+) {
     tokio::time::sleep(offset).await;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let result = health::probe(target.kind, target.addr, timeout).await;
+        let result = match (target.tls, &tls) {
+            (false, _) => health::probe(target.kind, target.addr, timeout, None).await,
+            (true, Some(t)) => health::probe(target.kind, target.addr, timeout, Some(t)).await,
+            (true, None) => Err(ProbeError::Io { stage: health::Stage::Tls, source: std::io::Error::other("no usable TLS settings") }),
+        };
         if tx.send(Report::Probe { target: target.clone(), result }).await.is_err() {
             return;
         }

@@ -24,6 +24,18 @@ impl Dovecot {
     /// Starts Dovecot in `ns` with POP3 on 110, IMAP on 143 and LMTP on 24 (IPv4 and IPv6), and
     /// `users` (name, password); waits (≤ 10 s) until IMAP and POP3 answer on `probe_addr`'s IP.
     pub fn start(ns: &Netns, name: &str, users: &[(&str, &str)], probe_ip: std::net::IpAddr) -> Result<Dovecot> {
+        Self::start_with_tls(ns, name, users, probe_ip, None)
+    }
+
+    /// Like [`Dovecot::start`], also with implicit TLS (IMAPS on 993, POP3S on 995) using the
+    /// PEM certificate and key `tls`.
+    pub fn start_with_tls(
+        ns: &Netns,
+        name: &str,
+        users: &[(&str, &str)],
+        probe_ip: std::net::IpAddr,
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Dovecot> {
         let dir = std::env::temp_dir().join(format!("{}-dovecot-{name}", ns.name()));
         let _ = std::fs::remove_dir_all(&dir);
         for sub in ["run", "state", "mail"] {
@@ -40,16 +52,24 @@ impl Dovecot {
             .collect();
         std::fs::write(&users_file, lines)?;
         let d = dir.display();
+        let (ssl, imaps, pop3s) = match tls {
+            None => ("ssl = no".to_string(), String::new(), String::new()),
+            Some((cert, key)) => (
+                format!("ssl = yes\nssl_cert = <{}\nssl_key = <{}", cert.display(), key.display()),
+                "  inet_listener imaps {\n    port = 993\n    ssl = yes\n  }\n".to_string(),
+                "  inet_listener pop3s {\n    port = 995\n    ssl = yes\n  }\n".to_string(),
+            ),
+        };
         let conf = format!(
             "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
-             protocols = imap pop3 lmtp\nlisten = *, ::\nssl = no\ndisable_plaintext_auth = no\n\
+             protocols = imap pop3 lmtp\nlisten = *, ::\n{ssl}\ndisable_plaintext_auth = no\n\
              auth_mechanisms = plain login\nlogin_greeting = {name} ready.\n\
              default_internal_user = nobody\ndefault_internal_group = nogroup\ndefault_login_user = nobody\n\
              mail_location = maildir:~/Maildir\n\
              passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {users}\n}}\n\
              userdb {{\n  driver = passwd-file\n  args = username_format=%u {users}\n}}\n\
-             service imap-login {{\n  chroot =\n  inet_listener imap {{\n    port = 143\n  }}\n}}\n\
-             service pop3-login {{\n  chroot =\n  inet_listener pop3 {{\n    port = 110\n  }}\n}}\n\
+             service imap-login {{\n  chroot =\n  inet_listener imap {{\n    port = 143\n  }}\n{imaps}}}\n\
+             service pop3-login {{\n  chroot =\n  inet_listener pop3 {{\n    port = 110\n  }}\n{pop3s}}}\n\
              service lmtp {{\n  inet_listener lmtp {{\n    port = 24\n  }}\n}}\n\
              service anvil {{\n  chroot =\n}}\n\
              service imap-urlauth-login {{\n  chroot =\n}}\n",

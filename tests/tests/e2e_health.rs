@@ -318,3 +318,80 @@ fn pop3_and_imap_probes_follow_real_dovecot() {
         dovecots.clear();
     }
 }
+
+/// A throwaway CA and a server certificate for `mail.example.net` signed by it, in `dir`.
+fn make_pki(dir: &std::path::Path, ca_name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let ext = dir.join("ext.cnf");
+    std::fs::write(&ext, "subjectAltName=DNS:mail.example.net\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n").unwrap();
+    for args in [
+        vec!["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &p("ca.key"), "-out", &p("ca.pem"), "-days", "2", "-subj", &format!("/CN={ca_name}")],
+        vec!["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &p("leaf.key"), "-out", &p("leaf.csr"), "-subj", "/CN=mail.example.net"],
+        vec!["x509", "-req", "-in", &p("leaf.csr"), "-CA", &p("ca.pem"), "-CAkey", &p("ca.key"), "-CAcreateserial", "-out", &p("leaf.pem"), "-days", "2", "-extfile", ext.to_str().unwrap()],
+    ] {
+        let out = std::process::Command::new("openssl").args(&args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Dovecot's unprivileged processes read the key through its master, but keep it readable.
+    (dir.join("ca.pem"), dir.join("leaf.pem"), dir.join("leaf.key"))
+}
+
+#[test]
+fn implicit_tls_probes_verify_against_the_configured_ca() {
+    if !lab::require_root("implicit_tls_probes_verify_against_the_configured_ca") {
+        return;
+    }
+    let lab = Lab::builder().backends(3).no_sinks().build().expect("lab");
+    let pki = std::env::temp_dir().join(format!("{}-pki", lab.prefix()));
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(pki.clone());
+    let (ca, cert, key) = make_pki(&pki.join("good"), "mxlb test CA");
+    let (other_ca, _, _) = make_pki(&pki.join("other"), "some other CA");
+    let mut dovecots: Vec<lab::dovecot::Dovecot> = lab
+        .backends()
+        .iter()
+        .map(|b| {
+            lab::dovecot::Dovecot::start_with_tls(b.ns(), &b.name(), &[("alice@example.com", "secret")], b.v4().into(), Some((&cert, &key)))
+                .expect("dovecot with TLS")
+        })
+        .collect();
+    let base = "interval_ms = 100\ntimeout_ms = 1000\nrise = 2\nfall = 2\ntls_server_name = \"mail.example.net\"";
+    let with = |ca: Option<&std::path::Path>| match ca {
+        Some(ca) => format!("{base}\ntls_ca = \"{}\"", ca.display()),
+        None => base.to_string(),
+    };
+
+    // IMAPS (993, imaps by port) with the right CA: all up; a stopped server goes down.
+    {
+        let opts = NodeOpts { ports: vec![993], health: Some(with(Some(&ca))), ..Default::default() };
+        let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(!node.log().contains("back-end down"), "a valid certificate failed:\n{}", node.log());
+        for b in ["b1", "b2", "b3"] {
+            assert_eq!(state(&node, b), "up");
+        }
+        dovecots[0].stop();
+        wait_state(&node, "b1", "down", Duration::from_secs(10)).unwrap_or_else(|| panic!("never down:\n{}", node.log()));
+    }
+    // POP3S (995) against a CA that did not sign the servers' certificates: down, with why.
+    {
+        let opts = NodeOpts { ports: vec![995], health: Some(with(Some(&other_ca))), ..Default::default() };
+        let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+        wait_state(&node, "b2", "down", Duration::from_secs(10)).unwrap_or_else(|| panic!("bad certificate accepted:\n{}", node.log()));
+        assert!(node.log().contains("TLS handshake") && node.log().contains("certificate"), "{}", node.log());
+    }
+    // Without a CA the certificate is not checked: up.
+    {
+        let opts = NodeOpts { ports: vec![995], health: Some(with(None)), ..Default::default() };
+        let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+        std::thread::sleep(Duration::from_millis(800));
+        assert_eq!(state(&node, "b2"), "up", "{}", node.log());
+        assert_eq!(state(&node, "b3"), "up", "{}", node.log());
+    }
+}
