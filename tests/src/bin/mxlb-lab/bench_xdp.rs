@@ -319,14 +319,7 @@ fn report(r: &Results) -> Result<()> {
         )),
     );
     json.insert("machine".into(), serde_json::json!(format!("{} CPUs, kernel {}", num_cpus(), kernel())));
-    let dir = std::env::var_os("MXLB_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench")));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("xdp.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&serde_json::Value::Object(json))? + "\n")?;
-    println!("wrote {}", path.display());
-    Ok(())
+    super::write_bench("xdp", &serde_json::Value::Object(json))
 }
 
 fn num_cpus() -> usize {

@@ -8,11 +8,24 @@ use lab::{
     node::{Mode, MxlbNode, NodeOpts},
 };
 
+mod bench_health;
 mod bench_xdp;
+
+/// Writes `target/bench/NAME.json` (`MXLB_BENCH_DIR` overrides the directory) and says where.
+fn write_bench(name: &str, json: &serde_json::Value) -> Result<()> {
+    let dir = std::env::var_os("MXLB_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench")));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(json)? + "\n")?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS]\n       mxlb-lab bench xdp"
+        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS]\n       mxlb-lab bench xdp|health"
     );
     std::process::exit(2)
 }
@@ -23,7 +36,8 @@ fn main() {
         Some("run") => demo(&args[1..]),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("xdp") => bench_xdp::run(),
-            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp)")),
+            Some("health") => bench_health::run(),
+            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp, health)")),
             None => usage(),
         },
         _ => usage(),
