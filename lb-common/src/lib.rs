@@ -43,6 +43,33 @@ pub const MAP_BACKEND_STATS: &str = "MXLB_BE_STATS";
 pub const MAP_REASON_STATS: &str = "MXLB_REASONS";
 /// Array with one [`LbConfig`] (index 0): node-wide settings such as the IPIP outer source.
 pub const MAP_CONFIG: &str = "MXLB_CONFIG";
+/// LPM trie [`PrefixKey`] → `u32` (1): sources whose SYNs (and conntrack-less packets) to a
+/// VIP are dropped (`drop_blocked`). Written by `mxlb block add|remove|load`.
+pub const MAP_BLOCK: &str = "MXLB_BLOCK";
+/// LPM trie [`PrefixKey`] → `u32` (1): sources exempt from the block list and the SYN rate
+/// limit (`mxlb block add --allow`). An allow entry wins over any block entry.
+pub const MAP_ALLOW: &str = "MXLB_ALLOW";
+/// LRU hash of 16-byte source keys (IPv4-mapped address, or IPv6 /64 with the low 64 bits
+/// zero) → [`SynBucket`]: the per-source SYN token buckets.
+pub const MAP_SYN_BUCKETS: &str = "MXLB_SYN_BUCKET";
+/// Array with one [`EdgeLimits`] (index 0): SYN rate and burst per source.
+pub const MAP_EDGE_CONFIG: &str = "MXLB_EDGE_CFG";
+
+/// Entries in each of [`MAP_BLOCK`] and [`MAP_ALLOW`] (LPM tries allocate per entry, so a
+/// large limit costs nothing until used).
+pub const MAX_PREFIXES: u32 = 262_144;
+/// Sources tracked in [`MAP_SYN_BUCKETS`] (LRU: the least recently seen source is forgotten,
+/// and starts again with a full bucket).
+pub const SYN_BUCKETS_SIZE: u32 = 65_536;
+/// [`SynBucket::tokens`] counts in units of 1/TOKEN_SCALE of a SYN, so a refill is
+/// `elapsed_ns * rate` with no division in the data path.
+pub const TOKEN_SCALE: u64 = 1_000_000_000;
+/// Highest [`EdgeLimits::syn_rate`] and [`EdgeLimits::syn_burst`] (keeps the token arithmetic
+/// far from u64 overflow: burst × scale ≤ 1e15, 2^40 ns × rate ≤ 1.1e18).
+pub const MAX_SYN_LIMIT: u32 = 1_000_000;
+/// A source idle for longer than this (ns, ~18 min) gets a full bucket without computing the
+/// refill (which could overflow).
+pub const SYN_IDLE_FULL_NS: u64 = 1 << 40;
 
 /// The load balancer XDP program (attached to the LB node's interfaces).
 pub const PROG_BALANCER: &str = "mxlb_balancer";
@@ -162,6 +189,36 @@ pub struct LbConfig {
     pub src_v6: [u8; 16],
 }
 
+/// Key of [`MAP_BLOCK`] and [`MAP_ALLOW`]: the kernel's `bpf_lpm_trie_key` with a 16-byte
+/// address. IPv4 prefixes are stored IPv4-mapped, so `a.b.c.d/n` is `::ffff:a.b.c.d/(96+n)`;
+/// lookups use `prefix_len` 128.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PrefixKey {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+
+/// Value of [`MAP_EDGE_CONFIG`] (single entry, index 0). Limiting is off when either is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EdgeLimits {
+    /// Sustained SYNs per second allowed per source (IPv4 address, IPv6 /64).
+    pub syn_rate: u32,
+    /// Bucket size: SYNs a source may send at once after being idle.
+    pub syn_burst: u32,
+}
+
+/// Value of [`MAP_SYN_BUCKETS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynBucket {
+    /// Tokens left, in 1/[`TOKEN_SCALE`] of a SYN.
+    pub tokens: u64,
+    /// `bpf_ktime_get_ns()` of the last refill.
+    pub last_ns: u64,
+}
+
 /// Why the data path did what it did: index into [`MAP_REASON_STATS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +247,11 @@ pub enum Reason {
     PassIpv6Ext = 10,
     /// Decap program: outer header removed.
     Decapsulated = 11,
+    /// Edge protection: a SYN (or a packet without conntrack entry) to a VIP from a source in
+    /// the block list (and not in the allow list): dropped.
+    DropBlocked = 12,
+    /// Edge protection: a SYN to a VIP from a source whose token bucket is empty: dropped.
+    DropRateLimited = 13,
 }
 
 /// Number of slots in [`MAP_REASON_STATS`] (room for reasons added later).
@@ -197,7 +259,7 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, in index order (for listings).
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 14] = [
         Reason::PassNonIp,
         Reason::PassNonVip,
         Reason::PassMalformed,
@@ -210,6 +272,8 @@ impl Reason {
         Reason::IcmpForwarded,
         Reason::PassIpv6Ext,
         Reason::Decapsulated,
+        Reason::DropBlocked,
+        Reason::DropRateLimited,
     ];
 
     /// Stable snake_case name used by `mxlb stats` and metrics.
@@ -227,6 +291,8 @@ impl Reason {
             Reason::IcmpForwarded => "icmp_forwarded",
             Reason::PassIpv6Ext => "pass_ipv6_ext",
             Reason::Decapsulated => "decapsulated",
+            Reason::DropBlocked => "drop_blocked",
+            Reason::DropRateLimited => "drop_rate_limited",
         }
     }
 }
@@ -304,6 +370,9 @@ mod user {
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for LbConfig {}
+    unsafe impl aya::Pod for PrefixKey {}
+    unsafe impl aya::Pod for EdgeLimits {}
+    unsafe impl aya::Pod for SynBucket {}
 
     /// Map encoding of an address (IPv4-mapped for IPv4).
     pub fn addr_to_key(ip: IpAddr) -> [u8; 16] {
@@ -342,6 +411,12 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowState>(), 8);
         assert_eq!(core::mem::size_of::<Counters>(), 24);
         assert_eq!(core::mem::size_of::<LbConfig>(), 20);
+        assert_eq!(core::mem::size_of::<PrefixKey>(), 20);
+        assert_eq!(core::mem::size_of::<EdgeLimits>(), 8);
+        assert_eq!(core::mem::size_of::<SynBucket>(), 16);
+        for name in [MAP_BLOCK, MAP_ALLOW, MAP_SYN_BUCKETS, MAP_EDGE_CONFIG] {
+            assert!(name.len() <= 15, "{name}: BPF map names hold 15 characters");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use lb_common::{
 };
 
 use crate::{
-    encap,
+    edge, encap,
     maps::{BACKEND_STATS, BACKENDS, CONNTRACK, RINGS, VIP_STATS, VIPS, count, count_reason},
     parse::{
         ETH_P_IP, ETH_P_IPV6, Key, Res, TCP_ACK, TCP_RST, TCP_SYN, Verdict, VipKeyWords, frame_len,
@@ -55,6 +55,15 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
         Some(m) => unsafe { *m },
         None => return Ok(Verdict::pass(Reason::PassNonVip)),
     };
+    // Edge protection ([`edge`]): SYNs only, after the VIP lookup (non-VIP traffic never
+    // pays for it), before the mode (local VIPs are protected too). ICMP has no flags.
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if syn {
+        if let Err(v) = edge::check_syn(&pkt.key, pkt.v6) {
+            count(&VIP_STATS, meta.id, len, 0);
+            return Err(v);
+        }
+    }
     if meta.mode == mode::LOCAL {
         count(&VIP_STATS, meta.id, len, 0);
         return Ok(Verdict::pass(Reason::PassLocal));
@@ -63,9 +72,8 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
         return Ok(Verdict::pass(Reason::PassNonVip));
     }
 
-    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = pkt.tcp_flags & TCP_RST != 0;
-    let choice = match choose(&pkt.key, &meta, syn, !rst && !pkt.icmp) {
+    let choice = match choose(&pkt.key, &meta, syn, !rst && !pkt.icmp, !pkt.icmp) {
         Ok(c) => c,
         Err(v) => {
             count(&VIP_STATS, meta.id, len, 0);
@@ -116,8 +124,10 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
 /// Conntrack first (unless SYN), else the VIP's ring; `insert` stores a ring choice.
 ///
 /// The flow hash is only computed for the ring: an established flow never needs it (dsr-l2).
+/// `tcp`: the packet is a segment of the flow (not an ICMP error about it), so a non-SYN that
+/// would start a flow from the ring is subject to the block list (SYNs were checked before).
 #[inline(always)]
-fn choose(key: &Key, meta: &VipMeta, syn: bool, insert: bool) -> Res<Choice> {
+fn choose(key: &Key, meta: &VipMeta, syn: bool, insert: bool, tcp: bool) -> Res<Choice> {
     if !syn {
         if let Some(st) = CONNTRACK.get_ptr(key.flow_key()) {
             // SAFETY: pointer from a successful map lookup.
@@ -135,6 +145,9 @@ fn choose(key: &Key, meta: &VipMeta, syn: bool, insert: bool) -> Res<Choice> {
                 }
             }
         }
+    }
+    if !syn && tcp && edge::blocked(key) {
+        return Err(Verdict::drop(Reason::DropBlocked));
     }
     let no_backend = Verdict::drop(Reason::DropNoBackend);
     if meta.ring >= MAX_RINGS {

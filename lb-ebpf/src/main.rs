@@ -56,6 +56,13 @@
 //! - **dsr-l2 with a zero back-end MAC** is a configuration error: dropped as `drop_no_route`.
 //! - **Port 0** in `MXLB_VIPS` is only the address marker: TCP to port 0 is `pass_non_vip`.
 //! - **Unknown VIP modes** pass (`pass_non_vip`) rather than guess.
+//! - **Edge protection** ([`edge`]) runs after the VIP lookup and only for SYNs (and for
+//!   non-SYN segments that miss conntrack and would start a flow from the ring): allow list
+//!   (`MXLB_ALLOW`) → admitted; block list (`MXLB_BLOCK`) → `drop_blocked`; else one token of the
+//!   source's SYN bucket (`MXLB_SYN_BUCKET`, IPv4 address or IPv6 /64, rate and burst from
+//!   `MXLB_EDGE_CFG`, burst 0 = off) or `drop_rate_limited`. Established flows (conntrack hit)
+//!   and non-VIP traffic never touch these maps, so blocking stops new connections while
+//!   sessions in progress finish, and the established fast path costs the same as before.
 //!
 //! # Verifier notes (kernel 6.18)
 //!
@@ -71,6 +78,7 @@
 
 mod balancer;
 mod decap;
+mod edge;
 mod encap;
 mod maps;
 mod parse;

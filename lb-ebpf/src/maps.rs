@@ -4,11 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, CONNTRACK_DEFAULT_SIZE, Counters, FlowKey, FlowState, LbConfig, MAX_BACKENDS,
-    MAX_RINGS, MAX_VIPS, REASON_SLOTS, RING_SIZE, Reason, VipKey, VipMeta,
+    Backend, CONNTRACK_DEFAULT_SIZE, Counters, EdgeLimits, FlowKey, FlowState, LbConfig,
+    MAX_BACKENDS, MAX_PREFIXES, MAX_RINGS, MAX_VIPS, REASON_SLOTS, RING_SIZE, Reason,
+    SYN_BUCKETS_SIZE, SynBucket, VipKey, VipMeta,
 };
 
 /// `MXLB_VIPS`: (address, port, protocol) → VIP metadata. A port-0 entry marks the address
@@ -44,6 +45,24 @@ pub static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(REASON_SLOT
 /// `MXLB_CONFIG`: node-wide settings, a single [`LbConfig`] at index 0.
 #[map(name = "MXLB_CONFIG")]
 pub static CONFIG: Array<LbConfig> = Array::pinned(1, 0);
+
+/// `MXLB_BLOCK`: source prefixes (16-byte, IPv4-mapped for IPv4) whose new flows to a VIP are
+/// dropped. Keys are `lb_common::PrefixKey`; the data type here is the address as words.
+#[map(name = "MXLB_BLOCK")]
+pub static BLOCK: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(MAX_PREFIXES, 0);
+
+/// `MXLB_ALLOW`: source prefixes exempt from the block list and the SYN rate limit.
+#[map(name = "MXLB_ALLOW")]
+pub static ALLOW: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(MAX_PREFIXES, 0);
+
+/// `MXLB_SYN_BUCKET`: per-source SYN token buckets (IPv4 address, IPv6 /64), LRU.
+#[map(name = "MXLB_SYN_BUCKET")]
+pub static SYN_BUCKETS: LruHashMap<[u32; 4], SynBucket> =
+    LruHashMap::pinned(SYN_BUCKETS_SIZE, 0);
+
+/// `MXLB_EDGE_CFG`: SYN rate and burst per source, a single [`EdgeLimits`] at index 0.
+#[map(name = "MXLB_EDGE_CFG")]
+pub static EDGE_CONFIG: Array<EdgeLimits> = Array::pinned(1, 0);
 
 /// Adds one packet of `bytes` (and `new_flows` new flows) to slot `idx` of a counter map.
 #[inline(always)]

@@ -29,6 +29,9 @@ pub struct Config {
     /// Back-end health probing (defaults apply when the section is absent).
     #[serde(default)]
     pub health: HealthConfig,
+    /// Per-source SYN rate limit (block and allow lists are managed with `mxlb block`).
+    #[serde(default)]
+    pub edge: crate::edge::EdgeConfig,
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
     #[serde(default, rename = "backend")]
@@ -207,6 +210,15 @@ pub struct VipConfig {
     /// 995 pop3s, 993 imaps, else tcp).
     #[serde(default)]
     pub check: Option<CheckSetting>,
+    /// When no back-end can take new sessions, answer them from this node with the
+    /// protocol's "try again later" (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) instead of
+    /// letting them time out. Default on for dsr VIPs.
+    #[serde(default = "default_shed")]
+    pub shed: bool,
+}
+
+fn default_shed() -> bool {
+    true
 }
 
 impl VipConfig {
@@ -489,6 +501,10 @@ impl Config {
         }
         if !(h.drain.disk_pct > 0.0 && h.drain.disk_pct <= 100.0) {
             p(KeyPath::new("health").key("drain").key("disk_pct"), format!("{} is out of range (0 to 100)", h.drain.disk_pct));
+        }
+
+        if let Err(m) = self.edge.validate() {
+            p(KeyPath::new("edge"), m);
         }
 
         let mut backend_names = HashMap::new();

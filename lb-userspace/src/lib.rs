@@ -7,6 +7,8 @@
 //! - [`config`]: the TOML file, `validate()`, errors located by file/line/key.
 //! - [`desired`]: config + the operator's CLI changes (kept across restarts) and [`desired::plan`],
 //!   the one function turning intent and health into back-end states and weights.
+//! - [`edge`]: edge protection: source block/allow lists (CIDR) and the per-source SYN rate
+//!   limit, kept in `state_dir/edge.json` and written to their own pinned maps.
 //! - [`maglev`]: weighted Maglev tables, identical on every node for identical input.
 //! - [`maps`]: the one writer of the BPF maps (back-ends, rings, VIPs), and counter reads.
 //! - [`dataplane`]: loading the eBPF object, pinning maps and links, attaching XDP programs
@@ -18,6 +20,7 @@
 //! - [`control`]: the [`control::Controller`] that owns desired state, and the Unix socket the
 //!   CLI uses to reach a running agent.
 //! - [`metrics`]: Prometheus `/metrics` and the status behind `mxlb status`.
+//! - [`shed`]: the tempfail responder (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) for full VIPs.
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
 //!
 //! The XDP program itself is in the `lb-ebpf` crate; the types both sides share are in
@@ -27,6 +30,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod desired;
+pub mod edge;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;
@@ -35,6 +39,7 @@ pub mod neighbours;
 pub mod policy;
 pub mod prober;
 pub mod report;
+pub mod shed;
 
 /// The compiled eBPF object (all XDP programs and maps), embedded at build time by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

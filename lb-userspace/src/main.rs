@@ -95,6 +95,58 @@ enum Command {
     /// format (`up ready 75% maxconn:300`, `drain`, `down #reason`); `detail` or
     /// `GET /detail` returns the raw figures as JSON.
     Agent(AgentArgs),
+    /// Edge protection: source block list and allow list (CIDR prefixes, IPv4 and IPv6) and
+    /// the per-source SYN rate limit. Written to the pinned maps directly (agent running or
+    /// not) and kept in the state dir across restarts and reboots.
+    #[command(subcommand)]
+    Block(BlockCommand),
+}
+
+#[derive(Subcommand)]
+enum BlockCommand {
+    /// Block new connections to the VIPs from these prefixes (or exempt them with --allow).
+    Add {
+        /// CIDR prefixes or addresses (198.51.100.0/24, 2001:db8:bad::/48, 192.0.2.7).
+        #[arg(required = true)]
+        cidrs: Vec<String>,
+        /// The allow list (bypasses the block list and the SYN rate limit).
+        #[arg(long)]
+        allow: bool,
+    },
+    /// Remove prefixes from the block list (or the allow list with --allow).
+    Remove {
+        #[arg(required = true)]
+        cidrs: Vec<String>,
+        #[arg(long)]
+        allow: bool,
+    },
+    /// Show both lists and the SYN rate limit.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the block list (or the allow list) with a file: one CIDR per line, `#` comments.
+    Load {
+        file: PathBuf,
+        #[arg(long)]
+        allow: bool,
+        /// Add the file's prefixes to the list instead of replacing it.
+        #[arg(long)]
+        merge: bool,
+    },
+    /// Set the SYN rate limit per source (IPv4 address, IPv6 /64); 0 turns it off. Overrides
+    /// the config's [edge] section until --reset.
+    Rate {
+        /// SYNs per second.
+        #[arg(required_unless_present = "reset")]
+        rate: Option<u32>,
+        /// Bucket size (SYNs at once after an idle period); default twice the rate.
+        #[arg(long)]
+        burst: Option<u32>,
+        /// Go back to the config's [edge] values.
+        #[arg(long, conflicts_with_all = ["rate", "burst"])]
+        reset: bool,
+    },
 }
 
 #[derive(Args)]
@@ -266,7 +318,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Run { keep_attached } => run(config, keep_attached).await,
         Command::Vip(VipCommand::List { json }) => list_vips(config, json).await,
         Command::Vip(VipCommand::Add { name, address, ports, mode, backends, check }) => {
-            change(config, Change::VipAdd { vip: VipConfig { name, address, ports, mode, backends, check } }).await
+            change(config, Change::VipAdd { vip: VipConfig { name, address, ports, mode, backends, check, shed: true } }).await
         }
         Command::Vip(VipCommand::Remove { name }) => change(config, Change::VipRemove { name }).await,
         Command::Backend(BackendCommand::List { json }) => list_backends(config, json).await,
@@ -281,6 +333,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Status { json } => status(config, json).await,
         Command::Decap { action } => helper(Helper::Decap, action),
         Command::Pass { action } => helper(Helper::Pass, action),
+        Command::Block(cmd) => block(config, cmd),
     }
 }
 
@@ -480,6 +533,73 @@ async fn stats(config: Config, interval: f64, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `mxlb block ...`: the edge lists and the SYN limit (see [`mxlb::edge`]).
+fn block(config: Config, cmd: BlockCommand) -> Result<()> {
+    use mxlb::edge::{Cidr, Edge, EdgeConfig};
+    let parse = |cidrs: &[String]| -> Result<Vec<Cidr>> {
+        let (ok, bad): (Vec<_>, Vec<_>) = cidrs.iter().map(|c| c.parse::<Cidr>()).partition(|r| r.is_ok());
+        if !bad.is_empty() {
+            let errors: Vec<String> = bad.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()).collect();
+            bail!("{} (nothing changed)", errors.join("; "));
+        }
+        Ok(ok.into_iter().filter_map(|r| r.ok()).collect())
+    };
+    let list_name = |allow: bool| if allow { "allow" } else { "block" };
+    let mut edge = Edge::open(&config)?;
+    let note = if edge.applied() { "" } else { " (no pinned maps: applied when `mxlb run` starts)" };
+    match cmd {
+        BlockCommand::Add { cidrs, allow } => {
+            let cidrs = parse(&cidrs)?;
+            let n = edge.add(allow, &cidrs)?;
+            println!("{n} prefix(es) added to the {} list{note}", list_name(allow));
+        }
+        BlockCommand::Remove { cidrs, allow } => {
+            let cidrs = parse(&cidrs)?;
+            let n = edge.remove(allow, &cidrs)?;
+            println!("{n} prefix(es) removed from the {} list{note}", list_name(allow));
+        }
+        BlockCommand::Load { file, allow, merge } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            let (added, removed) = edge.load(allow, &text, merge).with_context(|| format!("{}", file.display()))?;
+            let total = if allow { edge.state().allow.len() } else { edge.state().block.len() };
+            println!("{} list: {added} added, {removed} removed, {total} in all{note}", list_name(allow));
+        }
+        BlockCommand::Rate { rate, burst, reset } => {
+            let limits = if reset { None } else { Some(EdgeConfig { syn_rate: rate.unwrap_or(0), syn_burst: burst.unwrap_or(0) }) };
+            let l = edge.set_rate(limits)?;
+            if l.syn_rate == 0 {
+                println!("SYN rate limit off{note}");
+            } else {
+                println!("SYN rate limit: {}/s per source, burst {}{note}", l.syn_rate, l.syn_burst);
+            }
+        }
+        BlockCommand::List { json } => {
+            let l = edge.listing();
+            if printed_json(&l, json)? {
+                return Ok(());
+            }
+            if l.syn_rate == 0 {
+                println!("SYN rate limit: off ({})", l.limits_from);
+            } else {
+                println!("SYN rate limit: {}/s per source, burst {} ({})", l.syn_rate, l.syn_burst, l.limits_from);
+            }
+            if let Some(n) = l.tracked_sources {
+                println!("sources tracked: {n}");
+            } else {
+                println!("not in the data path yet (no pinned maps): applied when `mxlb run` starts");
+            }
+            println!("{:<6} PREFIX", "LIST");
+            for c in &l.allow {
+                println!("{:<6} {c}", "allow");
+            }
+            for c in &l.block {
+                println!("{:<6} {c}", "block");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn helper(which: Helper, action: HelperAction) -> Result<()> {
     match action {
         HelperAction::Attach(args) => {
@@ -536,6 +656,10 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     let health_settings = config.health.clone();
     let mut balancer = Balancer::load(&node.bpffs_dir, node.conntrack_size)
         .with_context(|| format!("loading the balancer (maps pinned in {})", node.bpffs_dir.display()))?;
+    // Block/allow lists and the SYN limit are in place before the program sees traffic.
+    let edge = mxlb::edge::restore(&config, &mut mxlb::maps::EdgeMaps::open_pinned(&node.bpffs_dir)?)
+        .context("restoring edge protection")?;
+    info!(?edge, "edge protection restored");
     let mut attached = Vec::new();
     for iface in &node.interfaces {
         match balancer.attach(iface, node.xdp_mode) {

@@ -385,3 +385,102 @@ fn update_batch(fd: std::os::fd::BorrowedFd<'_>, keys: &[u32], values: &[u32]) -
 fn unused_backend() -> Backend {
     Backend { addr: [0; 16], mac: [0; 6], state: state::UNUSED, _pad: 0 }
 }
+
+/// Handles on the edge-protection maps (block list, allow list, SYN buckets, limits).
+///
+/// Separate from [`DataplaneMaps`] on purpose: these maps do not depend on the back-end plan,
+/// and their one writer is [`crate::edge`] (the CLI and `edge::restore`), whether the agent
+/// runs or not.
+pub struct EdgeMaps {
+    block: aya::maps::LpmTrie<MapData, [u8; 16], u32>,
+    allow: aya::maps::LpmTrie<MapData, [u8; 16], u32>,
+    buckets: BpfHashMap<MapData, [u8; 16], lb_common::SynBucket>,
+    limits: Array<MapData, lb_common::EdgeLimits>,
+}
+
+impl EdgeMaps {
+    /// Opens the edge maps pinned under `dir` (by `mxlb run`).
+    pub fn open_pinned(dir: &Path) -> Result<EdgeMaps, MapsError> {
+        fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T, MapsError> {
+            let path = dir.join(name);
+            let err = |source| MapsError::Open { path: path.display().to_string(), source };
+            let data = MapData::from_pin(&path).map_err(err)?;
+            let map = Map::from_map_data(data).map_err(err)?;
+            T::try_from(map).map_err(err)
+        }
+        Ok(EdgeMaps {
+            block: open(dir, lb_common::MAP_BLOCK)?,
+            allow: open(dir, lb_common::MAP_ALLOW)?,
+            buckets: open(dir, lb_common::MAP_SYN_BUCKETS)?,
+            limits: open(dir, lb_common::MAP_EDGE_CONFIG)?,
+        })
+    }
+
+    /// Whether the edge maps are pinned under `dir` (an agent of this version has run).
+    pub fn pinned_in(dir: &Path) -> bool {
+        dir.join(lb_common::MAP_BLOCK).exists()
+    }
+
+    fn list(&self, allow: bool) -> &aya::maps::LpmTrie<MapData, [u8; 16], u32> {
+        if allow { &self.allow } else { &self.block }
+    }
+
+    /// The prefixes in the block list (`allow` false) or the allow list, unsorted.
+    pub fn prefixes(&self, allow: bool) -> Result<Vec<lb_common::PrefixKey>, MapsError> {
+        let name = if allow { "allow" } else { "block" };
+        self.list(allow)
+            .keys()
+            .map(|k| {
+                let k = k.map_err(access(name))?;
+                Ok(lb_common::PrefixKey { prefix_len: k.prefix_len(), addr: k.data() })
+            })
+            .collect()
+    }
+
+    /// Adds a prefix (no-op if present).
+    pub fn insert_prefix(&mut self, allow: bool, key: lb_common::PrefixKey) -> Result<(), MapsError> {
+        let k = aya::maps::lpm_trie::Key::new(key.prefix_len, key.addr);
+        if allow {
+            self.allow.insert(&k, 1, 0).map_err(access("allow"))
+        } else {
+            self.block.insert(&k, 1, 0).map_err(access("block"))
+        }
+    }
+
+    /// Removes a prefix; returns whether it was there.
+    pub fn remove_prefix(&mut self, allow: bool, key: lb_common::PrefixKey) -> Result<bool, MapsError> {
+        let k = aya::maps::lpm_trie::Key::new(key.prefix_len, key.addr);
+        let r = if allow { self.allow.remove(&k) } else { self.block.remove(&k) };
+        match r {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(MapsError::Access { map: "edge prefixes", source: e }),
+        }
+    }
+
+    /// The SYN rate and burst the data path uses now.
+    pub fn limits(&self) -> Result<lb_common::EdgeLimits, MapsError> {
+        self.limits.get(&0, 0).map_err(access("edge config"))
+    }
+
+    /// Sets the SYN rate and burst (burst or rate 0 = limiting off).
+    pub fn set_limits(&mut self, limits: lb_common::EdgeLimits) -> Result<(), MapsError> {
+        self.limits.set(0, limits, 0).map_err(access("edge config"))
+    }
+
+    /// The bucket of a source key (IPv4-mapped address, or IPv6 /64 with the low half zero).
+    pub fn bucket(&self, key: [u8; 16]) -> Option<lb_common::SynBucket> {
+        self.buckets.get(&key, 0).ok()
+    }
+
+    /// Overwrites a bucket (tests: age its timestamp instead of sleeping).
+    pub fn set_bucket(&mut self, key: [u8; 16], bucket: lb_common::SynBucket) -> Result<(), MapsError> {
+        self.buckets.insert(key, bucket, 0).map_err(access("syn buckets"))
+    }
+
+    /// Number of sources with a bucket (walks the LRU map).
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.keys().filter(|k| k.is_ok()).count()
+    }
+}

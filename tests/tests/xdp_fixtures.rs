@@ -16,12 +16,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key as LpmKey},
     programs::{ProgramError, TestRun, TestRunOptions, Xdp},
 };
 use lab::frames::{
     self, ETH_P_IP, ETH_P_IPV6, Eth, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP,
     IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, Tcp, ip_packet, tcp_flags::*,
+};
+use lb_common::{
+    EdgeLimits, MAP_ALLOW, MAP_BLOCK, MAP_EDGE_CONFIG, MAP_SYN_BUCKETS, SynBucket,
 };
 use lb_common::{
     Backend, Counters, FlowKey, FlowState, LbConfig, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
@@ -269,6 +272,37 @@ impl Dp {
         let mut m: HashMap<_, FlowKey, FlowState> =
             HashMap::try_from(self.ebpf.map_mut(MAP_CONNTRACK).unwrap()).unwrap();
         m.insert(key, FlowState { backend, vip }, 0).unwrap();
+    }
+
+    /// Sets the SYN limit per source (`MXLB_EDGE_CFG`).
+    fn edge_limits(&mut self, syn_rate: u32, syn_burst: u32) {
+        let mut m: Array<_, EdgeLimits> =
+            Array::try_from(self.ebpf.map_mut(MAP_EDGE_CONFIG).unwrap()).unwrap();
+        m.set(0, EdgeLimits { syn_rate, syn_burst }, 0).unwrap();
+    }
+
+    /// Adds a CIDR to the block list (or the allow list), encoded as userspace does.
+    fn edge_list(&mut self, cidr: &str, allow: bool) {
+        let k = cidr.parse::<mxlb::edge::Cidr>().unwrap().key();
+        let name = if allow { MAP_ALLOW } else { MAP_BLOCK };
+        let mut m: LpmTrie<_, [u8; 16], u32> =
+            LpmTrie::try_from(self.ebpf.map_mut(name).unwrap()).unwrap();
+        m.insert(&LpmKey::new(k.prefix_len, k.addr), 1, 0).unwrap();
+    }
+
+    fn bucket(&self, src: IpAddr) -> Option<SynBucket> {
+        let m: HashMap<_, [u8; 16], SynBucket> =
+            HashMap::try_from(self.ebpf.map(MAP_SYN_BUCKETS).unwrap()).unwrap();
+        m.get(&mxlb::edge::bucket_key(src), 0).ok()
+    }
+
+    /// Moves a bucket's last refill `secs` into the past (instead of sleeping).
+    fn age_bucket(&mut self, src: IpAddr, secs: u64) {
+        let mut b = self.bucket(src).expect("bucket exists");
+        b.last_ns -= secs * 1_000_000_000;
+        let mut m: HashMap<_, [u8; 16], SynBucket> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_SYN_BUCKETS).unwrap()).unwrap();
+        m.insert(mxlb::edge::bucket_key(src), b, 0).unwrap();
     }
 
     fn counters(&self, map: &str, idx: u32) -> Counters {
@@ -1809,6 +1843,147 @@ fn balancer_then_decap_round_trip() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Edge protection: block list, allow list, per-source SYN token buckets.
+
+fn src4(last: u8) -> IpAddr {
+    Ipv4Addr::new(198, 19, 1, last).into()
+}
+
+#[test]
+fn syn_rate_limit_per_source() {
+    isolated("syn_rate_limit_per_source", || {
+        let mut dp = standard();
+        // Off by default: SYNs pass and no bucket is created.
+        let syn = |src: IpAddr, port: u16| tcp_frame(src, port, v4(), SMTP, SYN, b"");
+        let fwd = |dp: &Dp, name: &str, src: IpAddr, port: u16| {
+            let id = dp.predict(&key(src, port, v4(), SMTP));
+            dp.l2(name, &syn(src, port), id, Reason::Forwarded);
+        };
+        fwd(&dp, "limit off", c4(), 41000);
+        assert!(dp.bucket(c4()).is_none(), "no bucket while limiting is off");
+
+        dp.edge_limits(1, 3);
+        for p in 41001..41004 {
+            fwd(&dp, "within burst", c4(), p);
+        }
+        let b = dp.bucket(c4()).expect("bucket");
+        assert!(b.tokens < 1_000_000_000, "burst used up: {b:?}");
+        let vip_before = dp.vip_stats(1).packets;
+        dp.drop("burst exhausted", &syn(c4(), 41004), Reason::DropRateLimited);
+        dp.drop("still exhausted", &syn(c4(), 41005), Reason::DropRateLimited);
+        assert_eq!(dp.vip_stats(1).packets, vip_before + 2, "drops count on the VIP");
+        assert!(dp.conntrack(&key(c4(), 41004, v4(), SMTP)).is_none());
+        // Another source has its own bucket.
+        fwd(&dp, "other source", src4(2), 41004);
+        // Established flows of the limited source are not touched: conntrack hit ...
+        let id = dp.predict(&key(c4(), 41001, v4(), SMTP));
+        dp.l2("established of limited source", &tcp_frame(c4(), 41001, v4(), SMTP, ACK | PSH, b"EHLO x\r\n"), id, Reason::Forwarded);
+        // ... and a non-SYN without entry (agent restart) is not rate limited either.
+        let id = dp.predict(&key(c4(), 41100, v4(), SMTP));
+        dp.l2("ack without entry", &tcp_frame(c4(), 41100, v4(), SMTP, ACK, b"x"), id, Reason::Forwarded);
+        // SYN-ACK-like (SYN|ACK) is not a SYN: not limited.
+        let id = dp.predict(&key(c4(), 41101, v4(), SMTP));
+        dp.l2("syn|ack is not counted", &tcp_frame(c4(), 41101, v4(), SMTP, SYN | ACK, b""), id, Reason::Forwarded);
+        // Tokens come back with time: 2 s at 1/s = 2 SYNs, then empty again.
+        dp.age_bucket(c4(), 2);
+        fwd(&dp, "refilled 1", c4(), 41006);
+        fwd(&dp, "refilled 2", c4(), 41007);
+        dp.drop("empty again", &syn(c4(), 41008), Reason::DropRateLimited);
+        // Long idle: full bucket again (capped at burst 3).
+        dp.age_bucket(c4(), 3600);
+        for p in 41009..41012 {
+            fwd(&dp, "full after idle", c4(), p);
+        }
+        dp.drop("capped at burst", &syn(c4(), 41012), Reason::DropRateLimited);
+        // Limiting off again: everything passes.
+        dp.edge_limits(0, 0);
+        fwd(&dp, "off again", c4(), 41013);
+        // The same over IPv6 and dsr-ipip.
+        dp.edge_limits(1, 1);
+        let k = key(c6(), 41000, v6(), SUBMISSION);
+        let id = dp.predict(&k);
+        dp.ipip("ipv6 first", &tcp_frame(c6(), 41000, v6(), SUBMISSION, SYN, b""), id, be6(id).into(), &k, Reason::Forwarded);
+        dp.drop("ipv6 limited", &tcp_frame(c6(), 41001, v6(), SUBMISSION, SYN, b""), Reason::DropRateLimited);
+    });
+}
+
+#[test]
+fn ipv6_sources_share_a_bucket_per_64() {
+    isolated("ipv6_sources_share_a_bucket_per_64", || {
+        let mut dp = standard();
+        dp.edge_limits(1, 2);
+        let a: IpAddr = "2001:db8:1::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1::ffff:2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:0:8000::3".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:1::1".parse().unwrap();
+        for (name, src) in [("first of the /64", a), ("second of the /64", b)] {
+            let id = dp.predict(&key(src, 42000, v6(), SMTP));
+            dp.l2(name, &tcp_frame(src, 42000, v6(), SMTP, SYN, b""), id, Reason::Forwarded);
+        }
+        dp.drop("third of the /64", &tcp_frame(c, 42000, v6(), SMTP, SYN, b""), Reason::DropRateLimited);
+        assert_eq!(dp.bucket(a), dp.bucket(c), "one bucket for the /64");
+        let id = dp.predict(&key(other, 42000, v6(), SMTP));
+        dp.l2("next /64", &tcp_frame(other, 42000, v6(), SMTP, SYN, b""), id, Reason::Forwarded);
+        // IPv4 sources are per address.
+        dp.edge_limits(1, 1);
+        let id = dp.predict(&key(src4(1), 42000, v4(), SMTP));
+        dp.l2("v4 .1", &tcp_frame(src4(1), 42000, v4(), SMTP, SYN, b""), id, Reason::Forwarded);
+        let id = dp.predict(&key(src4(2), 42000, v4(), SMTP));
+        dp.l2("v4 .2 own bucket", &tcp_frame(src4(2), 42000, v4(), SMTP, SYN, b""), id, Reason::Forwarded);
+    });
+}
+
+#[test]
+fn block_list_drops_new_flows_and_allow_list_bypasses() {
+    isolated("block_list_drops_new_flows_and_allow_list_bypasses", || {
+        let mut dp = standard();
+        dp.vip(v4(), 465, 7, 0, mode::LOCAL);
+        // An established flow from before the block.
+        let est = key(src4(1), 43000, v4(), SMTP);
+        let est_id = dp.predict(&est);
+        dp.l2("syn before block", &tcp_frame(src4(1), 43000, v4(), SMTP, SYN, b""), est_id, Reason::Forwarded);
+
+        dp.edge_list("198.19.1.0/24", false);
+        dp.edge_list("2001:db8:1::/48", false);
+        let vip_before = dp.vip_stats(1).packets;
+        dp.drop("blocked syn", &tcp_frame(src4(1), 43001, v4(), SMTP, SYN, b""), Reason::DropBlocked);
+        assert_eq!(dp.vip_stats(1).packets, vip_before + 1);
+        dp.drop("blocked syn, other host of the /24", &tcp_frame(src4(77), 43001, v4(), SMTP, SYN, b""), Reason::DropBlocked);
+        dp.drop("blocked ack without entry", &tcp_frame(src4(1), 43002, v4(), SMTP, ACK, b"x"), Reason::DropBlocked);
+        assert!(dp.conntrack(&key(src4(1), 43002, v4(), SMTP)).is_none());
+        dp.drop("blocked ipv6 syn", &tcp_frame(c6(), 43001, v6(), SMTP, SYN, b""), Reason::DropBlocked);
+        dp.drop("blocked to a local VIP", &tcp_frame(src4(1), 43003, v4(), 465, SYN, b""), Reason::DropBlocked);
+        // Established flows finish.
+        dp.l2("established flow of a blocked source", &tcp_frame(src4(1), 43000, v4(), SMTP, ACK | PSH, b"DATA\r\n"), est_id, Reason::Forwarded);
+        // Non-VIP traffic from a blocked source is untouched.
+        dp.pass("blocked source, non-VIP port", &tcp_frame(src4(1), 43004, v4(), 2525, SYN, b""), Reason::PassNonVip);
+        dp.pass("blocked source, other host", &tcp_frame(src4(1), 43004, be4(1).into(), SMTP, SYN, b""), Reason::PassNonVip);
+        // Outside the prefix: not blocked.
+        let outside: IpAddr = "198.19.2.1".parse().unwrap();
+        let id = dp.predict(&key(outside, 43001, v4(), SMTP));
+        dp.l2("outside the block", &tcp_frame(outside, 43001, v4(), SMTP, SYN, b""), id, Reason::Forwarded);
+        // The allow list wins over the block list (whatever the prefix lengths) ...
+        dp.edge_list("198.19.1.5/32", true);
+        let id = dp.predict(&key(src4(5), 43001, v4(), SMTP));
+        dp.l2("allowed inside a blocked /24", &tcp_frame(src4(5), 43001, v4(), SMTP, SYN, b""), id, Reason::Forwarded);
+        dp.drop("its neighbour still blocked", &tcp_frame(src4(6), 43001, v4(), SMTP, SYN, b""), Reason::DropBlocked);
+        // ... and over the rate limit.
+        dp.edge_limits(1, 1);
+        for p in 43010..43015 {
+            let id = dp.predict(&key(src4(5), p, v4(), SMTP));
+            dp.l2("allowed: not rate limited", &tcp_frame(src4(5), p, v4(), SMTP, SYN, b""), id, Reason::Forwarded);
+        }
+        assert!(dp.bucket(src4(5)).is_none(), "allowed sources get no bucket");
+        // An IPv4 /0 does not match IPv6 sources.
+        dp.edge_list("0.0.0.0/0", false);
+        let other6: IpAddr = "2001:db8:2::1".parse().unwrap();
+        let id = dp.predict(&key(other6, 43001, v6(), SMTP));
+        dp.l2("v4 /0 leaves IPv6 alone", &tcp_frame(other6, 43001, v6(), SMTP, SYN, b""), id, Reason::Forwarded);
+        dp.drop("v4 /0 blocks any IPv4", &tcp_frame("198.18.5.5".parse().unwrap(), 43001, v4(), SMTP, SYN, b""), Reason::DropBlocked);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
 // Object shape.
 
 #[test]
@@ -1824,6 +1999,10 @@ fn object_declares_the_contract() {
             MAP_BACKEND_STATS,
             MAP_REASON_STATS,
             MAP_CONFIG,
+            MAP_BLOCK,
+            MAP_ALLOW,
+            MAP_SYN_BUCKETS,
+            MAP_EDGE_CONFIG,
         ] {
             assert!(dp.ebpf.map(name).is_some(), "map {name} missing");
             // Pinned by name (into this test's private bpffs).
