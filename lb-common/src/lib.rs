@@ -91,6 +91,13 @@ pub mod mode {
     pub const LOCAL: u8 = 3;
 }
 
+/// Bits of [`VipMeta::flags`].
+pub mod vip_flags {
+    /// When no back-end can take a new flow (empty ring), pass it to this node's stack, where
+    /// `mxlb run` answers with the protocol's "try again later", instead of dropping it.
+    pub const SHED: u8 = 1;
+}
+
 /// Back-end states ([`Backend::state`]).
 pub mod state {
     /// Slot unused.
@@ -252,6 +259,9 @@ pub enum Reason {
     DropBlocked = 12,
     /// Edge protection: a SYN to a VIP from a source whose token bucket is empty: dropped.
     DropRateLimited = 13,
+    /// No back-end can take the flow and the VIP sheds ([`vip_flags::SHED`]): passed to this
+    /// node's tempfail responder.
+    PassShed = 14,
 }
 
 /// Number of slots in [`MAP_REASON_STATS`] (room for reasons added later).
@@ -259,7 +269,7 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, in index order (for listings).
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::PassNonIp,
         Reason::PassNonVip,
         Reason::PassMalformed,
@@ -274,6 +284,7 @@ impl Reason {
         Reason::Decapsulated,
         Reason::DropBlocked,
         Reason::DropRateLimited,
+        Reason::PassShed,
     ];
 
     /// Stable snake_case name used by `mxlb stats` and metrics.
@@ -293,6 +304,7 @@ impl Reason {
             Reason::Decapsulated => "decapsulated",
             Reason::DropBlocked => "drop_blocked",
             Reason::DropRateLimited => "drop_rate_limited",
+            Reason::PassShed => "pass_shed",
         }
     }
 }

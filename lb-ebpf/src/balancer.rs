@@ -2,6 +2,7 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
+    vip_flags,
     Backend, FlowState, MAX_RINGS, RING_SIZE, Reason, VipMeta, flow_hash_words, mode, state,
 };
 
@@ -77,6 +78,11 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
         Ok(c) => c,
         Err(v) => {
             count(&VIP_STATS, meta.id, len, 0);
+            // No back-end can take it: a shedding VIP hands it to this node's tempfail
+            // responder (a polite "try later") instead of letting the client time out.
+            if v.reason == Reason::DropNoBackend && meta.flags & vip_flags::SHED != 0 && !pkt.icmp {
+                return Ok(Verdict::pass(Reason::PassShed));
+            }
             return Err(v);
         }
     };

@@ -297,6 +297,8 @@ pub struct PlannedVip {
     pub mode: ForwardingMode,
     /// Back-end names in the pool.
     pub members: Vec<String>,
+    /// Hand new flows to the local tempfail responder when no back-end can take them.
+    pub shed: bool,
 }
 
 /// Turns intent and health into the data path's state (architecture principle 1: the CLI,
@@ -352,6 +354,7 @@ pub fn plan(
             ports: v.ports.clone(),
             mode: v.mode,
             members: v.backends.clone(),
+            shed: v.shed && v.mode != ForwardingMode::Local,
         })
         .collect();
     Plan { backends, vips, encap }

@@ -708,6 +708,21 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
             }
         })
     };
+    // The tempfail responder for shedding VIPs (implicit-TLS ports have no certificate to answer
+    // with: their shed connections are refused, which clients also treat as "try later").
+    let shed_listeners: Vec<(std::net::SocketAddr, mxlb::health::CheckKind)> = {
+        let c = controller.lock().await;
+        c.desired()
+            .config
+            .vips
+            .iter()
+            .filter(|v| v.shed && v.mode != ForwardingMode::Local)
+            .flat_map(|v| v.ports.iter().map(move |p| (v.address, *p)))
+            .filter(|(_, p)| ![465, 993, 995].contains(p))
+            .map(|(a, p)| (std::net::SocketAddr::new(a, p), mxlb::health::CheckKind::default_for_port(p)))
+            .collect()
+    };
+    let shed = tokio::spawn(mxlb::shed::serve(shed_listeners, wait_stop(stop_rx.clone())));
     let metrics = Arc::new(mxlb::metrics::Metrics::new());
     let prober = tokio::spawn(mxlb::prober::run(controller.clone(), health_settings, metrics.clone(), stop_rx.clone()));
     let metrics_server = node.metrics_listen.map(|addr| {
@@ -719,6 +734,7 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     let _ = stop_tx.send(true);
     let _ = refresher.await;
     let _ = prober.await;
+    let _ = shed.await;
     if let Some(m) = metrics_server {
         match m.await {
             Ok(Err(e)) => warn!(error = %e, "metrics server"),

@@ -237,7 +237,8 @@ impl DataplaneMaps {
                         id
                     }
                 };
-                wanted.insert(key, VipMeta { id, ring, mode, flags: 0, _pad: [0; 2] });
+                let flags = if vip.shed { lb_common::vip_flags::SHED } else { 0 };
+                wanted.insert(key, VipMeta { id, ring, mode, flags, _pad: [0; 2] });
             }
         }
         for (key, meta) in &wanted {

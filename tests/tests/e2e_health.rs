@@ -395,3 +395,110 @@ fn implicit_tls_probes_verify_against_the_configured_ca() {
         assert_eq!(state(&node, "b3"), "up", "{}", node.log());
     }
 }
+
+/// The first line a new connection to the VIP receives (bounded).
+fn first_line_via_vip(lab: &Lab, port: u16) -> String {
+    use std::io::BufRead as _;
+    let vip = lab.vip_addr(AddrFamily::V4, port);
+    lab.client()
+        .ns()
+        .run(move || {
+            let s = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3)).map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+            let mut line = String::new();
+            std::io::BufReader::new(s).read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+            Ok::<_, String>(line)
+        })
+        .unwrap()
+        .unwrap_or_else(|e| e)
+}
+
+#[test]
+fn full_or_dead_cluster_answers_421_and_established_sessions_finish() {
+    if !lab::require_root("full_or_dead_cluster_answers_421_and_established_sessions_finish") {
+        return;
+    }
+    let lab = Lab::builder().backends(3).build().expect("lab");
+    let opts = NodeOpts {
+        mode: Mode::DsrL2,
+        health: Some("interval_ms = 100\ntimeout_ms = 300\nrise = 2\nfall = 2".into()),
+        ..Default::default()
+    };
+    let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+    // The VIP is local on the LB node (VRRP puts it on the master's interface).
+    lab.lb().ns().ip(&["addr", "add", "198.18.0.100/32", "dev", "lo"]).unwrap();
+    assert!(first_line_via_vip(&lab, 25).starts_with("220 "), "served by a back-end first");
+
+    // Sessions established before the cluster fills up.
+    let held: Vec<_> = (0..6).map(|_| held_session(&lab)).collect();
+    for b in ["b1", "b2", "b3"] {
+        node.cli(&["backend", "drain", b]).unwrap();
+    }
+    // Full: new sessions get SMTP's "try again later" from the LB, not a timeout or a reset.
+    for _ in 0..10 {
+        let line = first_line_via_vip(&lab, 25);
+        assert!(line.starts_with("421 4.3.2 "), "got {line:?}");
+    }
+    // The established sessions finish on their back-ends.
+    for s in held {
+        finish_held(s);
+    }
+    let stats: serde_json::Value = serde_json::from_str(&node.cli(&["stats", "--json", "--interval", "0.1"]).unwrap()).unwrap();
+    let shed = stats["reasons"].as_array().unwrap().iter().find(|r| r["name"] == "pass_shed").map(|r| r["total"]["packets"].as_u64().unwrap());
+    assert!(shed.unwrap_or(0) >= 10, "{stats}");
+
+    // Dead: every mail server stops; once marked down the same answer comes.
+    for b in ["b1", "b2", "b3"] {
+        node.cli(&["backend", "undrain", b]).unwrap();
+    }
+    assert!(first_line_via_vip(&lab, 25).starts_with("220 "));
+    for i in 1..=3 {
+        for pid in lab.sink(i).pids() {
+            // SAFETY: kill(2) on a process the lab started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+    for b in ["b1", "b2", "b3"] {
+        wait_state(&node, b, "down", Duration::from_secs(10)).unwrap_or_else(|| panic!("{b} never down:\n{}", node.log()));
+    }
+    let line = first_line_via_vip(&lab, 25);
+    assert!(line.starts_with("421 4.3.2 "), "got {line:?}");
+}
+
+type Held = (std::io::BufReader<std::net::TcpStream>, std::net::TcpStream);
+
+fn held_session(lab: &Lab) -> Held {
+    use std::io::BufRead as _;
+    let vip = lab.vip_addr(AddrFamily::V4, 25);
+    let s = lab.client().ns().run(move || std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3))).unwrap().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let w = s.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("220 "), "{line}");
+    (r, w)
+}
+
+fn finish_held((mut r, mut w): Held) {
+    use std::io::{BufRead as _, Write as _};
+    for (cmd, want) in [
+        ("EHLO client.example.com", "250 "),
+        ("MAIL FROM:<a@example.com>", "250"),
+        ("RCPT TO:<b@example.net>", "250"),
+        ("DATA", "354"),
+        ("Subject: held\r\n\r\nbody\r\n.", "250"),
+        ("QUIT", "221"),
+    ] {
+        w.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("reply");
+            assert!(!line.is_empty(), "closed after {cmd}");
+            if line.len() >= 4 && line.as_bytes()[3] == b' ' {
+                assert!(line.starts_with(&want[..3]), "{cmd}: {line}");
+                break;
+            }
+        }
+    }
+}

@@ -154,6 +154,16 @@ impl Dp {
         m.set(0, LbConfig { src_v4, src_v6 }, 0).unwrap();
     }
 
+    /// Sets [`VipMeta::flags`] of an existing VIP:port entry.
+    fn vip_flags(&mut self, addr: IpAddr, port: u16, flags: u8) {
+        let key = VipKey { addr: addr_to_key(addr), port: port_to_key(port), proto: 6, _pad: 0 };
+        let mut m: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
+        let mut meta = m.get(&key, 0).expect("VIP entry");
+        meta.flags = flags;
+        m.insert(key, meta, 0).unwrap();
+        self.vips.insert((key.addr, key.port), meta);
+    }
+
     fn vip(&mut self, addr: IpAddr, port: u16, id: u32, ring: u32, mode: u8) {
         let key = VipKey {
             addr: addr_to_key(addr),
@@ -1609,6 +1619,23 @@ fn empty_ring_or_dead_backend_drops() {
                 new_flows: 0
             }
         );
+    });
+}
+
+#[test]
+fn shedding_vip_passes_flows_no_backend_can_take() {
+    isolated("shedding_vip_passes_flows_no_backend_can_take", || {
+        let mut dp = standard();
+        dp.vip(v4(), 2529, 12, 3, mode::DSR_L2); // ring 3 never written: empty
+        dp.vip_flags(v4(), 2529, lb_common::vip_flags::SHED);
+        dp.pass("shed syn", &tcp_frame(c4(), 45001, v4(), 2529, SYN, b""), Reason::PassShed);
+        dp.pass("shed established", &tcp_frame(c4(), 45001, v4(), 2529, ACK, b"x"), Reason::PassShed);
+        assert!(dp.conntrack(&key(c4(), 45001, v4(), 2529)).is_none(), "shed flows are not tracked");
+        // A shedding VIP whose back-ends can take flows forwards as usual.
+        dp.vip_flags(v4(), SMTP, lb_common::vip_flags::SHED);
+        let out = dp.try_run(PROG_BALANCER, &tcp_frame(c4(), 45002, v4(), SMTP, SYN, b"")).unwrap();
+        assert_eq!(out.action, XDP_TX, "shedding only applies when no back-end can take the flow");
+        // Without the flag an empty ring drops (empty_ring_or_dead_backend_drops).
     });
 }
 
