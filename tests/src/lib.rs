@@ -29,3 +29,4 @@ pub mod frames;
 pub mod node;
 pub mod sessions;
 pub mod dovecot;
+pub mod flood;

@@ -8,6 +8,11 @@
 //! `detect_ms` is kill → DOWN in the map (median of the trials), `failed_after_detect` counts
 //! sessions started after that moment that failed (must be 0). The configured bound,
 //! fall × interval (+ one probe timeout), is reported next to it.
+//!
+//! Then, with a SYN limit of 2000/s (burst 2000) per source, one source floods 60 000 raw SYNs
+//! at the VIP while a normal client runs SMTP sessions: `flood_other_success` is the normal
+//! client's success ratio. `xdp_syn_limited_ns` is the cost of dropping a SYN over its limit,
+//! through BPF_PROG_TEST_RUN, next to the XDP_PASS baseline of the same run.
 use std::{
     sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant},
@@ -45,6 +50,10 @@ fn wait_for(maps: &DataplaneMaps, addr: std::net::IpAddr, want: u8, max: Duratio
 }
 
 pub struct HealthResults {
+    pub flood_other_success: f64,
+    pub flood_other_sessions: usize,
+    pub flood_syns: u32,
+    pub flood_secs: f64,
     pub detect_ms: f64,
     pub detect_trials_ms: Vec<f64>,
     pub failed_after_detect: usize,
@@ -99,7 +108,28 @@ pub fn measure() -> Result<HealthResults> {
     }
     let mut sorted = trials.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
+
+    // A single-source SYN flood against the normal client's sessions.
+    node.cli(&["block", "rate", "2000", "--burst", "2000"])?;
+    let flooder = std::net::Ipv4Addr::new(198, 18, 0, 3);
+    lab.client().ns().ip(&["addr", "add", &format!("{flooder}/24"), "dev", lab.client().dev()])?;
+    let progress = Progress::default();
+    let opts = SessionOpts { sessions: 100_000, concurrency: 4, ..Default::default() };
+    let (outcomes, flood) = std::thread::scope(|s| {
+        let load = s.spawn(|| run_sessions(lab.client().ns(), lab.vip_addr(AddrFamily::V4, 25), &opts, &progress));
+        progress.wait_done(20, Duration::from_secs(20));
+        let flood = lab.client().ns().run(|| lab::flood::syn_flood(flooder, lab::VIP4, 60_000, Duration::from_secs(10)));
+        progress.stop();
+        (load.join().expect("load thread"), flood)
+    });
+    let outcomes = outcomes?;
+    let (flood_syns, flood_time) = flood??;
+    let ok = outcomes.iter().filter(|o| o.error.is_none()).count();
     Ok(HealthResults {
+        flood_other_success: ok as f64 / outcomes.len().max(1) as f64,
+        flood_other_sessions: outcomes.len(),
+        flood_syns,
+        flood_secs: flood_time.as_secs_f64(),
         detect_ms: sorted[sorted.len() / 2],
         detect_trials_ms: trials,
         failed_after_detect: failed,
@@ -113,10 +143,17 @@ pub fn run() -> Result<()> {
         bail!("bench health needs root (network namespaces, BPF)");
     }
     let r = measure()?;
+    let xdp = super::bench_xdp::measure_isolated()?;
+    let (pass_ns, limited_ns) = (xdp.figures["pass_ns"], xdp.figures["syn_limited_ns"]);
     println!("\nmxlb health: back-end death to removal from the data path ({TRIALS} trials, probes every {INTERVAL_MS} ms, fall {FALL})");
     println!("  detect_ms (median)        {:>8.1}   trials {:?}", r.detect_ms, r.detect_trials_ms.iter().map(|t| t.round()).collect::<Vec<_>>());
     println!("  configured bound          {:>8.1}   (fall x interval + one probe timeout)", r.bound_ms);
     println!("  failed_after_detect       {:>8}   of {} sessions started after detection", r.failed_after_detect, r.sessions_after_detect);
+    println!(
+        "  flood_other_success       {:>8.4}   ({} sessions of a normal client while one source sent {} SYNs in {:.2} s)",
+        r.flood_other_success, r.flood_other_sessions, r.flood_syns, r.flood_secs
+    );
+    println!("  xdp_syn_limited_ns        {:>8.1}   (XDP_PASS baseline in the same run: {pass_ns:.1} ns)", limited_ns);
     let json = serde_json::json!({
         "detect_ms": (r.detect_ms * 10.0).round() / 10.0,
         "detect_trials_ms": r.detect_trials_ms.iter().map(|t| (t * 10.0).round() / 10.0).collect::<Vec<_>>(),
@@ -124,6 +161,12 @@ pub fn run() -> Result<()> {
         "failed_after_detect": r.failed_after_detect,
         "sessions_after_detect": r.sessions_after_detect,
         "probe_interval_ms": INTERVAL_MS,
+        "flood_other_success": r.flood_other_success,
+        "flood_other_sessions": r.flood_other_sessions,
+        "flood_syns": r.flood_syns,
+        "flood_secs": (r.flood_secs * 100.0).round() / 100.0,
+        "xdp_syn_limited_ns": limited_ns,
+        "xdp_pass_ns": pass_ns,
         "fall": FALL,
         "method": "SIGKILL of back-end 1's smtp-sink under a 10-session SMTP load; detection = back-end DOWN in the pinned map (polled every 2 ms); failures counted for sessions started after detection",
     });
