@@ -262,9 +262,15 @@ impl Helper {
             .load(EBPF_OBJECT)
             .map_err(DataplaneError::Load)?;
         let name = self.program();
-        let prog = program(&mut ebpf, name)?;
-        prog.load().map_err(|source| DataplaneError::Program { name, source })?;
-        attach_pinned(prog, iface, mode, &path)
+        let attached = program(&mut ebpf, name).and_then(|prog| {
+            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
+            attach_pinned(prog, iface, mode, &path)
+        });
+        if attached.is_err() && !path.exists() {
+            // Nothing attached: leave nothing pinned either.
+            let _ = std::fs::remove_dir_all(&maps_dir);
+        }
+        attached
     }
 
     fn maps_dir(link: &Path) -> PathBuf {

@@ -228,4 +228,9 @@ fn native_attach_falls_back_to_generic_with_a_warning() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("attaching to lo"), "{out:?}");
     let link = lab.client().ns().ip(&["-d", "link", "show", "dev", "lo"]).unwrap();
     assert!(!link.contains("xdp"), "nothing left attached: {link}");
+    let netns = std::fs::metadata(format!("/run/netns/{ns}")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/bpf/mxlb-helpers")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&format!("{netns}-"))).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "nothing left pinned: {leftovers:?}");
 }
