@@ -52,6 +52,10 @@ pub const MAP_ALLOW: &str = "MXLB_ALLOW";
 /// LRU hash of 16-byte source keys (IPv4-mapped address, or IPv6 /64 with the low 64 bits
 /// zero) → [`SynBucket`]: the per-source SYN token buckets.
 pub const MAP_SYN_BUCKETS: &str = "MXLB_SYN_BUCKET";
+/// LPM trie [`PrefixKey`] → `u32`: the minimum VIP capacity (percent) below which new sessions
+/// from that source prefix are shed (client groups; the longest prefix wins; no match = 0,
+/// shed only when no back-end is left).
+pub const MAP_GROUPS: &str = "MXLB_GROUPS";
 /// Array with one [`EdgeLimits`] (index 0): SYN rate and burst per source.
 pub const MAP_EDGE_CONFIG: &str = "MXLB_EDGE_CFG";
 
@@ -133,8 +137,13 @@ pub struct VipMeta {
     pub ring: u32,
     /// One of [`mode`].
     pub mode: u8,
+    /// Bits of [`vip_flags`].
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Share of the VIP's admin weight its back-ends can take now, in percent (100 = all
+    /// there). A shedding VIP sheds a client group's new sessions while this is below the
+    /// group's minimum ([`MAP_GROUPS`]), so a premium group keeps service longest.
+    pub capacity: u8,
+    pub _pad: u8,
 }
 
 /// Value of [`MAP_BACKENDS`].

@@ -155,6 +155,13 @@ fn choose(key: &Key, meta: &VipMeta, syn: bool, insert: bool, tcp: bool) -> Res<
     if !syn && tcp && edge::blocked(key) {
         return Err(Verdict::drop(Reason::DropBlocked));
     }
+    // Client groups: while a shedding VIP runs below full capacity, a new flow (no conntrack
+    // entry) from a group whose minimum is above what is left goes to the tempfail responder;
+    // premium groups (lower minimum) keep service longest. Every packet of such a flow takes
+    // this path (none is tracked), so it stays on this node; established flows are untouched.
+    if tcp && meta.capacity < 100 && meta.flags & vip_flags::SHED != 0 && (meta.capacity as u32) < edge::group_min_capacity(key) {
+        return Err(Verdict::pass(Reason::PassShed));
+    }
     let no_backend = Verdict::drop(Reason::DropNoBackend);
     if meta.ring >= MAX_RINGS {
         return Err(no_backend);

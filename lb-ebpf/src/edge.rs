@@ -22,7 +22,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{Reason, SYN_IDLE_FULL_NS, SynBucket, TOKEN_SCALE};
 
 use crate::{
-    maps::{ALLOW, BLOCK, EDGE_CONFIG, SYN_BUCKETS},
+    maps::{ALLOW, BLOCK, EDGE_CONFIG, GROUPS, SYN_BUCKETS},
     parse::{Key, Verdict},
 };
 
@@ -49,6 +49,14 @@ impl LpmWords {
 #[inline(always)]
 fn src(key: &Key) -> [u32; 4] {
     [key.0[0], key.0[1], key.0[2], key.0[3]]
+}
+
+/// The minimum VIP capacity (percent) the source's client group needs to be served (0 when it
+/// is in no group).
+#[inline(always)]
+pub fn group_min_capacity(key: &Key) -> u32 {
+    let k = LpmWords::host(src(key));
+    GROUPS.get(k.key()).copied().unwrap_or(0)
 }
 
 /// Whether the source of `key` is in the block list and not in the allow list.

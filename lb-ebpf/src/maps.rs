@@ -55,6 +55,11 @@ pub static BLOCK: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(MAX_PREFIXES, 0);
 #[map(name = "MXLB_ALLOW")]
 pub static ALLOW: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(MAX_PREFIXES, 0);
 
+/// `MXLB_GROUPS`: client-group source prefixes → the minimum VIP capacity (percent) below which
+/// their new sessions are shed (longest prefix wins; no match = 0).
+#[map(name = "MXLB_GROUPS")]
+pub static GROUPS: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(MAX_PREFIXES, 0);
+
 /// `MXLB_SYN_BUCKET`: per-source SYN token buckets (IPv4 address, IPv6 /64), LRU.
 #[map(name = "MXLB_SYN_BUCKET")]
 pub static SYN_BUCKETS: LruHashMap<[u32; 4], SynBucket> =

@@ -36,6 +36,22 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// Client groups for overload shedding (premium networks keep service longest).
+    #[serde(default, rename = "client_group")]
+    pub client_groups: Vec<ClientGroup>,
+}
+
+/// Source networks that share a shedding threshold: while a shedding VIP's capacity (the share
+/// of its admin weight its back-ends can take now) is below `min_capacity` percent, new sessions
+/// from these networks get the tempfail reply. The longest matching prefix decides; sources in
+/// no group are shed only when no back-end is left. Give everyone else a threshold with a group
+/// over `0.0.0.0/0` and `::/0`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientGroup {
+    pub name: String,
+    pub cidrs: Vec<String>,
+    pub min_capacity: u8,
 }
 
 /// Settings of this LB node.
@@ -505,6 +521,29 @@ impl Config {
 
         if let Err(m) = self.edge.validate() {
             p(KeyPath::new("edge"), m);
+        }
+        let mut group_names = HashSet::new();
+        let mut group_cidrs = HashMap::new();
+        for (i, g) in self.client_groups.iter().enumerate() {
+            let at = KeyPath::new("client_group").index(i);
+            if let Err(m) = validate_name(&g.name) {
+                p(at.key("name"), m);
+            } else if !group_names.insert(g.name.as_str()) {
+                p(at.key("name"), format!("client group `{}` is defined twice", g.name));
+            }
+            if g.min_capacity > 100 {
+                p(at.key("min_capacity"), format!("{} is out of range (0 to 100 percent)", g.min_capacity));
+            }
+            for (j, c) in g.cidrs.iter().enumerate() {
+                match c.parse::<crate::edge::Cidr>() {
+                    Err(e) => p(at.key("cidrs").index(j), e.to_string()),
+                    Ok(cidr) => {
+                        if let Some(prev) = group_cidrs.insert(cidr, i) {
+                            p(at.key("cidrs").index(j), format!("{c} is already in client_group[{prev}]"));
+                        }
+                    }
+                }
+            }
         }
 
         let mut backend_names = HashMap::new();

@@ -276,6 +276,8 @@ pub struct Plan {
     pub backends: Vec<PlannedBackend>,
     pub vips: Vec<PlannedVip>,
     pub encap: LbConfig,
+    /// Client-group prefixes → minimum VIP capacity (percent) to be served.
+    pub groups: Vec<(lb_common::PrefixKey, u32)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -299,6 +301,8 @@ pub struct PlannedVip {
     pub members: Vec<String>,
     /// Hand new flows to the local tempfail responder when no back-end can take them.
     pub shed: bool,
+    /// Share of the admin weight of its back-ends that can take sessions now, in percent.
+    pub capacity: u8,
 }
 
 /// Turns intent and health into the data path's state (architecture principle 1: the CLI,
@@ -317,7 +321,7 @@ pub fn plan(
 ) -> Plan {
     let c = &desired.config;
     let used = c.used_backends();
-    let backends = c
+    let backends: Vec<PlannedBackend> = c
         .backends
         .iter()
         .filter(|b| used.contains(b.name.as_str()))
@@ -348,16 +352,29 @@ pub fn plan(
     let vips = c
         .vips
         .iter()
-        .map(|v| PlannedVip {
-            name: v.name.clone(),
-            address: v.address,
-            ports: v.ports.clone(),
-            mode: v.mode,
-            members: v.backends.clone(),
-            shed: v.shed && v.mode != ForwardingMode::Local,
+        .map(|v| {
+            let (now, full) = v.backends.iter().fold((0u64, 0u64), |(now, full), name| {
+                let admin = c.backend(name).map_or(0, |b| b.weight) as u64;
+                let effective = backends.iter().find(|b: &&PlannedBackend| &b.name == name).map_or(0, |b| b.weight) as u64;
+                (now + effective.min(admin), full + admin)
+            });
+            PlannedVip {
+                name: v.name.clone(),
+                address: v.address,
+                ports: v.ports.clone(),
+                mode: v.mode,
+                members: v.backends.clone(),
+                shed: v.shed && v.mode != ForwardingMode::Local,
+                capacity: if full == 0 { 0 } else { (100 * now / full) as u8 },
+            }
         })
         .collect();
-    Plan { backends, vips, encap }
+    let groups = c
+        .client_groups
+        .iter()
+        .flat_map(|g| g.cidrs.iter().filter_map(move |cidr| cidr.parse::<crate::edge::Cidr>().ok().map(|k| (k.key(), g.min_capacity as u32))))
+        .collect();
+    Plan { backends, vips, encap, groups }
 }
 
 #[cfg(test)]
@@ -424,6 +441,26 @@ mod tests {
         let get = |n: &str| p.backends.iter().find(|b| b.name == n).unwrap().clone();
         assert_eq!((get("mail1").state, get("mail1").weight), (state::UP, 1));
         assert_eq!((get("mail2").state, get("mail2").weight), (state::DRAINING, 0));
+    }
+
+    #[test]
+    fn plan_reports_each_vips_capacity_and_the_client_groups() {
+        let mut c = Config::embedded_default();
+        c.client_groups = vec![crate::config::ClientGroup {
+            name: "standard".into(),
+            cidrs: vec!["0.0.0.0/0".into(), "::/0".into()],
+            min_capacity: 50,
+        }];
+        let mut d = Desired::new(c);
+        let capacity = |d: &Desired| plan(d, &BTreeMap::new(), &BTreeMap::new(), &BTreeMap::new(), LbConfig::default()).vips[0].capacity;
+        assert_eq!(capacity(&d), 100);
+        // Admin weights 100/200/300: draining the 300 leaves half.
+        d.apply(&Change::Drain { name: "mail3".into() }).unwrap();
+        assert_eq!(capacity(&d), 50);
+        let p = plan(&d, &BTreeMap::new(), &BTreeMap::new(), &BTreeMap::new(), LbConfig::default());
+        assert_eq!(p.groups.len(), 2);
+        assert!(p.groups.iter().all(|(_, min)| *min == 50));
+        assert_eq!(p.groups[0].0.prefix_len, 96, "0.0.0.0/0 is ::ffff:0:0/96");
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct DataplaneMaps {
     rings: Array<MapData, u32>,
     /// A second handle on the rings for batch writes ([`update_batch`]).
     rings_raw: MapData,
+    /// Client-group prefixes → minimum capacity (percent).
+    groups: aya::maps::LpmTrie<MapData, [u8; 16], u32>,
     conntrack: BpfHashMap<MapData, FlowKey, FlowState>,
     vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -105,6 +107,7 @@ impl DataplaneMaps {
                 let path = dir.join(lb_common::MAP_RINGS);
                 MapData::from_pin(&path).map_err(|source| MapsError::Open { path: path.display().to_string(), source })?
             },
+            groups: open(dir, lb_common::MAP_GROUPS)?,
             conntrack: open(dir, lb_common::MAP_CONNTRACK)?,
             vip_stats: open(dir, lb_common::MAP_VIP_STATS)?,
             backend_stats: open(dir, lb_common::MAP_BACKEND_STATS)?,
@@ -226,7 +229,7 @@ impl DataplaneMaps {
             // Port 0 marks the address itself (fragments to it are dropped); stats id 0 is
             // reserved for these markers.
             let marker = VipKey { addr, port: 0, proto: TCP, _pad: 0 };
-            wanted.insert(marker, VipMeta { id: 0, ring, mode, flags: 0, _pad: [0; 2] });
+            wanted.insert(marker, VipMeta { id: 0, ring, mode, flags: 0, capacity: 100, _pad: 0 });
             for port in &vip.ports {
                 let key = VipKey { addr, port: port_to_key(*port), proto: TCP, _pad: 0 };
                 let id = match existing.get(&key) {
@@ -238,7 +241,7 @@ impl DataplaneMaps {
                     }
                 };
                 let flags = if vip.shed { lb_common::vip_flags::SHED } else { 0 };
-                wanted.insert(key, VipMeta { id, ring, mode, flags, _pad: [0; 2] });
+                wanted.insert(key, VipMeta { id, ring, mode, flags, capacity: vip.capacity, _pad: 0 });
             }
         }
         for (key, meta) in &wanted {
@@ -251,7 +254,23 @@ impl DataplaneMaps {
             report.vip_entries_removed += 1;
         }
 
-        // 3. Node settings.
+        // 3. Client groups.
+        let wanted_groups: HashMap<([u8; 16], u32), u32> =
+            plan.groups.iter().map(|(k, min)| ((k.addr, k.prefix_len), *min)).collect();
+        let present: Vec<aya::maps::lpm_trie::Key<[u8; 16]>> = self.groups.keys().filter_map(|k| k.ok()).collect();
+        for k in present {
+            if !wanted_groups.contains_key(&(k.data(), k.prefix_len())) {
+                self.groups.remove(&k).map_err(access("groups"))?;
+            }
+        }
+        for ((addr, len), min) in &wanted_groups {
+            let k = aya::maps::lpm_trie::Key::new(*len, *addr);
+            if self.groups.get(&k, 0).ok() != Some(*min) {
+                self.groups.insert(&k, *min, 0).map_err(access("groups"))?;
+            }
+        }
+
+        // 4. Node settings.
         if self.config.get(&0, 0).map_err(access("config"))? != plan.encap {
             self.config.set(0, plan.encap, 0).map_err(access("config"))?;
         }

@@ -85,11 +85,13 @@ pub struct NodeOpts {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The VIPs' `check` (default: by port).
     pub check: Option<String>,
+    /// TOML appended to the config (e.g. `[[client_group]]` tables).
+    pub extra: Option<String>,
 }
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None, agent_port: None, metrics_listen: None, check: None }
+        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None, agent_port: None, metrics_listen: None, check: None, extra: None }
     }
 }
 
@@ -185,6 +187,10 @@ impl<'a> MxlbNode<'a> {
                 }
                 s += "\n";
             }
+        }
+        if let Some(extra) = &self.opts.extra {
+            s += extra;
+            s += "\n";
         }
         s
     }

@@ -502,3 +502,54 @@ fn finish_held((mut r, mut w): Held) {
         }
     }
 }
+
+/// The first line a connection from source `src` to the VIP receives.
+fn first_line_from(lab: &Lab, src: std::net::IpAddr) -> String {
+    use std::io::BufRead as _;
+    let vip = lab.vip_addr(AddrFamily::V4, 25);
+    lab.client()
+        .ns()
+        .run(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+            s.bind(&std::net::SocketAddr::new(src, 0).into()).map_err(|e| e.to_string())?;
+            s.connect_timeout(&vip.into(), Duration::from_secs(3)).map_err(|e| format!("connect: {e}"))?;
+            let s: std::net::TcpStream = s.into();
+            s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+            let mut line = String::new();
+            std::io::BufReader::new(s).read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+            Ok::<_, String>(line)
+        })
+        .unwrap()
+        .unwrap_or_else(|e| e)
+}
+
+#[test]
+fn premium_client_group_keeps_service_longest() {
+    if !lab::require_root("premium_client_group_keeps_service_longest") {
+        return;
+    }
+    let lab = Lab::builder().backends(3).build().expect("lab");
+    let groups = "[[client_group]]\nname = \"standard\"\ncidrs = [\"0.0.0.0/0\", \"::/0\"]\nmin_capacity = 50\n\n\
+                  [[client_group]]\nname = \"premium\"\ncidrs = [\"198.18.0.4/32\"]\nmin_capacity = 0\n";
+    let opts = NodeOpts { mode: Mode::DsrL2, extra: Some(groups.into()), ..Default::default() };
+    let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+    lab.lb().ns().ip(&["addr", "add", "198.18.0.100/32", "dev", "lo"]).unwrap();
+    lab.client().ns().ip(&["addr", "add", "198.18.0.4/24", "dev", lab.client().dev()]).unwrap();
+    let (standard, premium): (std::net::IpAddr, std::net::IpAddr) = (lab.client().v4().into(), "198.18.0.4".parse().unwrap());
+    assert!(first_line_from(&lab, standard).starts_with("220 "));
+
+    // Two of three equal back-ends drained: 33% capacity, below the standard group's 50%.
+    node.cli(&["backend", "drain", "b2"]).unwrap();
+    node.cli(&["backend", "drain", "b3"]).unwrap();
+    for _ in 0..10 {
+        let line = first_line_from(&lab, standard);
+        assert!(line.starts_with("421 4.3.2 "), "standard client: {line:?}");
+        let line = first_line_from(&lab, premium);
+        assert!(line.starts_with("220 ") && line.contains(&lab.backend(1).name()), "premium client: {line:?}");
+    }
+    // Back to 66%: the standard group is served again.
+    node.cli(&["backend", "undrain", "b2"]).unwrap();
+    for _ in 0..10 {
+        assert!(first_line_from(&lab, standard).starts_with("220 "));
+    }
+}

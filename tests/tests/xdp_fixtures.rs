@@ -176,7 +176,8 @@ impl Dp {
             ring,
             mode,
             flags: 0,
-            _pad: [0; 2],
+            capacity: 100,
+            _pad: 0,
         };
         let mut m: HashMap<_, VipKey, VipMeta> =
             HashMap::try_from(self.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
@@ -195,7 +196,8 @@ impl Dp {
                 ring: 0,
                 mode,
                 flags: 0,
-                _pad: [0; 2],
+                capacity: 100,
+                _pad: 0,
             },
             0,
         )
@@ -1637,6 +1639,49 @@ fn shedding_vip_passes_flows_no_backend_can_take() {
         assert_eq!(out.action, XDP_TX, "shedding only applies when no back-end can take the flow");
         // Without the flag an empty ring drops (empty_ring_or_dead_backend_drops).
     });
+}
+
+#[test]
+fn client_groups_are_shed_by_capacity() {
+    isolated("client_groups_are_shed_by_capacity", || {
+        let mut dp = standard();
+        // VIP4:25 sheds and runs at 40% capacity; everyone needs 50%, 198.18.0.4/32 needs 0%.
+        let key = VipKey { addr: addr_to_key(v4()), port: port_to_key(SMTP), proto: 6, _pad: 0 };
+        {
+            let mut m: HashMap<_, VipKey, VipMeta> = HashMap::try_from(dp.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
+            let mut meta = m.get(&key, 0).unwrap();
+            meta.flags = lb_common::vip_flags::SHED;
+            meta.capacity = 40;
+            m.insert(key, meta, 0).unwrap();
+        }
+        {
+            let mut g: aya::maps::LpmTrie<_, [u8; 16], u32> =
+                aya::maps::LpmTrie::try_from(dp.ebpf.map_mut(lb_common::MAP_GROUPS).unwrap()).unwrap();
+            g.insert(&aya::maps::lpm_trie::Key::new(96, addr_to_key("0.0.0.0".parse().unwrap())), 50, 0).unwrap();
+            g.insert(&aya::maps::lpm_trie::Key::new(128, addr_to_key("198.18.0.4".parse().unwrap())), 0, 0).unwrap();
+        }
+        // A standard client's new flow, and its next packets, stay on this node.
+        dp.pass("standard syn shed", &tcp_frame(c4(), 46000, v4(), SMTP, SYN, b""), Reason::PassShed);
+        dp.pass("standard ack shed", &tcp_frame(c4(), 46000, v4(), SMTP, ACK, b"x"), Reason::PassShed);
+        assert!(dp.conntrack(&key4(c4(), 46000)).is_none());
+        // The premium source is still balanced.
+        let premium: IpAddr = "198.18.0.4".parse().unwrap();
+        let out = dp.try_run(PROG_BALANCER, &tcp_frame(premium, 46001, v4(), SMTP, SYN, b"")).unwrap();
+        assert_eq!(out.action, XDP_TX, "premium client shed");
+        // Back at full capacity nobody is shed.
+        {
+            let mut m: HashMap<_, VipKey, VipMeta> = HashMap::try_from(dp.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
+            let mut meta = m.get(&key, 0).unwrap();
+            meta.capacity = 100;
+            m.insert(key, meta, 0).unwrap();
+        }
+        let out = dp.try_run(PROG_BALANCER, &tcp_frame(c4(), 46002, v4(), SMTP, SYN, b"")).unwrap();
+        assert_eq!(out.action, XDP_TX, "shed at full capacity");
+    });
+}
+
+fn key4(src: IpAddr, sport: u16) -> FlowKey {
+    key(src, sport, v4(), SMTP)
 }
 
 // ---------------------------------------------------------------------------------------------
