@@ -89,16 +89,18 @@ pub struct ApplyReport {
     pub flows_flushed: usize,
 }
 
+/// Opens the map pinned as `dir/name` as a typed map.
+fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T, MapsError> {
+    let path = dir.join(name);
+    let err = |source| MapsError::Open { path: path.display().to_string(), source };
+    let data = MapData::from_pin(&path).map_err(err)?;
+    let map = Map::from_map_data(data).map_err(err)?;
+    T::try_from(map).map_err(err)
+}
+
 impl DataplaneMaps {
     /// Opens the maps pinned under `dir` (by `mxlb run`).
     pub fn open_pinned(dir: &Path) -> Result<DataplaneMaps, MapsError> {
-        fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T, MapsError> {
-            let path = dir.join(name);
-            let err = |source| MapsError::Open { path: path.display().to_string(), source };
-            let data = MapData::from_pin(&path).map_err(err)?;
-            let map = Map::from_map_data(data).map_err(err)?;
-            T::try_from(map).map_err(err)
-        }
         Ok(DataplaneMaps {
             vips: open(dir, lb_common::MAP_VIPS)?,
             backends: open(dir, lb_common::MAP_BACKENDS)?,
@@ -421,13 +423,6 @@ pub struct EdgeMaps {
 impl EdgeMaps {
     /// Opens the edge maps pinned under `dir` (by `mxlb run`).
     pub fn open_pinned(dir: &Path) -> Result<EdgeMaps, MapsError> {
-        fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &str) -> Result<T, MapsError> {
-            let path = dir.join(name);
-            let err = |source| MapsError::Open { path: path.display().to_string(), source };
-            let data = MapData::from_pin(&path).map_err(err)?;
-            let map = Map::from_map_data(data).map_err(err)?;
-            T::try_from(map).map_err(err)
-        }
         Ok(EdgeMaps {
             block: open(dir, lb_common::MAP_BLOCK)?,
             allow: open(dir, lb_common::MAP_ALLOW)?,

@@ -396,21 +396,9 @@ fn implicit_tls_probes_verify_against_the_configured_ca() {
     }
 }
 
-/// The first line a new connection to the VIP receives (bounded).
-fn first_line_via_vip(lab: &Lab, port: u16) -> String {
-    use std::io::BufRead as _;
-    let vip = lab.vip_addr(AddrFamily::V4, port);
-    lab.client()
-        .ns()
-        .run(move || {
-            let s = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3)).map_err(|e| format!("connect: {e}"))?;
-            s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
-            let mut line = String::new();
-            std::io::BufReader::new(s).read_line(&mut line).map_err(|e| format!("read: {e}"))?;
-            Ok::<_, String>(line)
-        })
-        .unwrap()
-        .unwrap_or_else(|e| e)
+/// The first line a new connection from the client to the VIP receives (bounded).
+fn first_line_via_vip(lab: &Lab) -> String {
+    first_line_from(lab, lab.client().v4().into())
 }
 
 #[test]
@@ -427,7 +415,7 @@ fn full_or_dead_cluster_answers_421_and_established_sessions_finish() {
     let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
     // The VIP is local on the LB node (VRRP puts it on the master's interface).
     lab.lb().ns().ip(&["addr", "add", "198.18.0.100/32", "dev", "lo"]).unwrap();
-    assert!(first_line_via_vip(&lab, 25).starts_with("220 "), "served by a back-end first");
+    assert!(first_line_via_vip(&lab).starts_with("220 "), "served by a back-end first");
 
     // Sessions established before the cluster fills up.
     let held: Vec<_> = (0..6).map(|_| held_session(&lab)).collect();
@@ -436,7 +424,7 @@ fn full_or_dead_cluster_answers_421_and_established_sessions_finish() {
     }
     // Full: new sessions get SMTP's "try again later" from the LB, not a timeout or a reset.
     for _ in 0..10 {
-        let line = first_line_via_vip(&lab, 25);
+        let line = first_line_via_vip(&lab);
         assert!(line.starts_with("421 4.3.2 "), "got {line:?}");
     }
     // The established sessions finish on their back-ends.
@@ -451,7 +439,7 @@ fn full_or_dead_cluster_answers_421_and_established_sessions_finish() {
     for b in ["b1", "b2", "b3"] {
         node.cli(&["backend", "undrain", b]).unwrap();
     }
-    assert!(first_line_via_vip(&lab, 25).starts_with("220 "));
+    assert!(first_line_via_vip(&lab).starts_with("220 "));
     for i in 1..=3 {
         for pid in lab.sink(i).pids() {
             // SAFETY: kill(2) on a process the lab started.
@@ -461,7 +449,7 @@ fn full_or_dead_cluster_answers_421_and_established_sessions_finish() {
     for b in ["b1", "b2", "b3"] {
         wait_state(&node, b, "down", Duration::from_secs(10)).unwrap_or_else(|| panic!("{b} never down:\n{}", node.log()));
     }
-    let line = first_line_via_vip(&lab, 25);
+    let line = first_line_via_vip(&lab);
     assert!(line.starts_with("421 4.3.2 "), "got {line:?}");
 }
 
@@ -503,7 +491,8 @@ fn finish_held((mut r, mut w): Held) {
     }
 }
 
-/// The first line a connection from source `src` to the VIP receives.
+/// The first line a connection from source `src` (an address of the client) to the VIP:25
+/// receives, or what went wrong (bounded).
 fn first_line_from(lab: &Lab, src: std::net::IpAddr) -> String {
     use std::io::BufRead as _;
     let vip = lab.vip_addr(AddrFamily::V4, 25);
