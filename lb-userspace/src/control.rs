@@ -197,6 +197,12 @@ impl Controller {
         self.publish()
     }
 
+    /// The MAC frames to back-end `addr` are sent to (config `mac`, else the resolved one).
+    pub fn mac_of(&self, addr: IpAddr) -> Option<[u8; 6]> {
+        let configured = self.desired.config.backends.iter().find(|b| b.address == addr).and_then(|b| b.mac);
+        configured.map(|m| m.0).or_else(|| self.macs.get(&addr).copied())
+    }
+
     /// Notes a back-end's probe response time (shown by `mxlb status` and metrics).
     pub fn record_probe_rtt(&mut self, backend: &str, rtt: Option<Duration>) {
         match rtt {

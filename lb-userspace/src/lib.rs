@@ -20,6 +20,7 @@
 //! - [`control`]: the [`control::Controller`] that owns desired state, and the Unix socket the
 //!   CLI uses to reach a running agent.
 //! - [`metrics`]: Prometheus `/metrics` and the status behind `mxlb status`.
+//! - [`vippath`]: probing the VIP path in DSR modes (a crafted SYN through the back-end).
 //! - [`shed`]: the tempfail responder (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) for full VIPs.
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
 //!
@@ -40,6 +41,7 @@ pub mod policy;
 pub mod prober;
 pub mod report;
 pub mod shed;
+pub mod vippath;
 
 /// The compiled eBPF object (all XDP programs and maps), embedded at build time by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -8,10 +8,9 @@
 //! or loses its probes within a second.
 //!
 //! What is probed: each back-end's own address on its VIP's first port, with that VIP's
-//! check. In DSR modes real traffic reaches the back-end addressed to the VIP; a back-end
-//! that answers on its own address but lost the VIP on its loopback would still pass. Probing
-//! the VIP path itself needs packets steered to one chosen back-end (a tc program on the LB's
-//! egress, as Katran does); that is left for later and noted in the README.
+//! check; and, for dsr VIPs, the path real traffic takes — a SYN to VIP:port sent through the
+//! back-end the way the data path forwards ([`crate::vippath`]), so a back-end that lost the
+//! VIP from its loopback or its decapsulation is taken out although its own address answers.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -26,7 +25,7 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    config::{CheckSetting, HealthConfig},
+    config::{CheckSetting, ForwardingMode, HealthConfig},
     control::Controller,
     desired::{Desired, Health, Load},
     health::{self, CheckKind, Ewma, ProbeError, RiseFall},
@@ -41,11 +40,24 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Implicit TLS (smtps, pop3s, imaps).
     pub tls: bool,
+    /// A VIP-path probe (`addr` is then VIP:port): a SYN sent through this back-end the way the
+    /// data path forwards (`ipip`: encapsulated), see [`crate::vippath`].
+    pub via: Option<Via>,
+}
+
+/// The back-end a VIP-path probe goes through.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Via {
+    pub backend: std::net::IpAddr,
+    pub ipip: bool,
 }
 
 impl Target {
     /// The check's name as configured: smtp, pop3s, imaps, ...
     pub fn check_name(&self) -> String {
+        if self.via.is_some() {
+            return "vip-path".into();
+        }
         format!("{}{}", self.kind.as_str(), if self.tls { "s" } else { "" })
     }
 }
@@ -68,7 +80,18 @@ pub fn targets(desired: &Desired) -> BTreeSet<Target> {
         let Some(port) = v.ports.first() else { continue };
         for name in &v.backends {
             if let Some(b) = c.backend(name) {
-                out.insert(Target { backend: name.clone(), kind, addr: SocketAddr::new(b.address, *port), tls });
+                out.insert(Target { backend: name.clone(), kind, addr: SocketAddr::new(b.address, *port), tls, via: None });
+                // In DSR modes real traffic reaches the back-end addressed to the VIP: check
+                // that path too (VIP on its loopback, decapsulation, a listener on the VIP).
+                if matches!(v.mode, ForwardingMode::DsrL2 | ForwardingMode::DsrIpip) {
+                    out.insert(Target {
+                        backend: name.clone(),
+                        kind: CheckKind::Tcp,
+                        addr: SocketAddr::new(v.address, *port),
+                        tls: false,
+                        via: Some(Via { backend: b.address, ipip: v.mode == ForwardingMode::DsrIpip }),
+                    });
+                }
             }
         }
     }
@@ -96,9 +119,14 @@ enum Report {
 struct LoadTracked {
     state: LoadState,
     report: Option<AgentReport>,
-    /// Whether the last agent query failed (logged once per outage).
-    agent_failing: bool,
+    /// Consecutive failed agent queries (the first is logged).
+    agent_failures: u32,
 }
+
+/// Failed agent queries in a row after which its last report is forgotten (and its load no
+/// longer counts). Until then the last report stands: one slow answer under load must not lift
+/// an overload drain.
+const AGENT_STALE_AFTER: u32 = 5;
 
 /// Per-target state kept by the supervisor.
 struct Tracked {
@@ -123,8 +151,20 @@ pub async fn run(
             None
         }
     };
+    let iface = controller.lock().await.desired().config.node.interfaces.first().cloned();
+    let origin = match iface {
+        Some(i) => match crate::vippath::origin(&i).await {
+            Ok(o) => Some(o),
+            Err(e) => {
+                warn!(iface = %i, error = %e, "VIP-path probes cannot run; they will fail");
+                None
+            }
+        },
+        None => None,
+    };
     let mut sup = Supervisor {
         tls,
+        origin,
         controller,
         metrics,
         settings,
@@ -156,6 +196,8 @@ pub async fn run(
 struct Supervisor {
     /// TLS for implicit-TLS probes (validated with the config, so present when it loads).
     tls: Option<health::ProbeTls>,
+    /// Where VIP-path probes leave from.
+    origin: Option<crate::vippath::Origin>,
     controller: Arc<Mutex<Controller>>,
     metrics: Arc<crate::metrics::Metrics>,
     settings: HealthConfig,
@@ -190,7 +232,13 @@ impl Supervisor {
             }
             // Spread the probes over the interval rather than all at once.
             let offset = interval.mul_f64((i % 16) as f64 / 16.0);
-            let task = tokio::spawn(probe_loop(t.clone(), interval, timeout, offset, self.tls.clone(), self.tx.clone()));
+            let ctx = ProbeCtx {
+                timeout,
+                tls: self.tls.clone(),
+                origin: self.origin.clone(),
+                controller: self.controller.clone(),
+            };
+            let task = tokio::spawn(probe_loop(t.clone(), interval, offset, ctx, self.tx.clone()));
             let verdict = RiseFall::new(self.settings.rise, self.settings.fall);
             self.tracked.insert(t, Tracked { task, verdict, rtt: Ewma::new(0.3), last_error: None });
         }
@@ -263,14 +311,17 @@ impl Supervisor {
         match result {
             Ok(r) => {
                 lt.report = Some(r);
-                lt.agent_failing = false;
+                lt.agent_failures = 0;
             }
             Err(e) => {
-                if !lt.agent_failing {
-                    warn!(%backend, agent = %addr, error = %e, "agent not answering; its load is ignored until it does");
+                if lt.agent_failures == 0 {
+                    warn!(%backend, agent = %addr, error = %e, "agent not answering; its last report stands for now");
                 }
-                lt.report = None;
-                lt.agent_failing = true;
+                lt.agent_failures += 1;
+                if lt.agent_failures == AGENT_STALE_AFTER {
+                    warn!(%backend, agent = %addr, "agent still not answering; its load is ignored until it does");
+                    lt.report = None;
+                }
             }
         }
         self.judge_load(&backend).await;
@@ -302,23 +353,39 @@ async fn agent_loop(backend: String, addr: SocketAddr, every: Duration, timeout:
     }
 }
 
-async fn probe_loop(
-    target: Target,
-    interval: Duration,
+/// One VIP-path probe, its failure phrased as a probe failure.
+async fn vip_path(target: &Target, via: &Via, ctx: &ProbeCtx) -> Result<Duration, ProbeError> {
+    let Some(origin) = &ctx.origin else {
+        return Err(ProbeError::Io { stage: health::Stage::Connect, source: std::io::Error::other("the LB interface cannot be read") });
+    };
+    let mac = ctx.controller.lock().await.mac_of(via.backend);
+    let mode = if via.ipip { ForwardingMode::DsrIpip } else { ForwardingMode::DsrL2 };
+    crate::vippath::probe(origin, mode, via.backend, mac, target.addr, ctx.timeout)
+        .await
+        .map_err(|e| ProbeError::Io { stage: health::Stage::Connect, source: std::io::Error::other(e.to_string()) })
+}
+
+/// What a probe task needs besides its target.
+struct ProbeCtx {
     timeout: Duration,
-    offset: Duration,
     tls: Option<health::ProbeTls>,
-    tx: mpsc::Sender<Report>,
-) {
+    /// Where VIP-path probes leave from (None: the interface could not be read).
+    origin: Option<crate::vippath::Origin>,
+    controller: Arc<Mutex<Controller>>,
+}
+
+async fn probe_loop(target: Target, interval: Duration, offset: Duration, ctx: ProbeCtx, tx: mpsc::Sender<Report>) {
+    let (timeout, tls) = (ctx.timeout, &ctx.tls);
     tokio::time::sleep(offset).await;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let result = match (target.tls, &tls) {
-            (false, _) => health::probe(target.kind, target.addr, timeout, None).await,
-            (true, Some(t)) => health::probe(target.kind, target.addr, timeout, Some(t)).await,
-            (true, None) => Err(ProbeError::Io { stage: health::Stage::Tls, source: std::io::Error::other("no usable TLS settings") }),
+        let result = match (&target.via, target.tls, tls) {
+            (Some(via), _, _) => vip_path(&target, via, &ctx).await,
+            (None, false, _) => health::probe(target.kind, target.addr, timeout, None).await,
+            (None, true, Some(t)) => health::probe(target.kind, target.addr, timeout, Some(t)).await,
+            (None, true, None) => Err(ProbeError::Io { stage: health::Stage::Tls, source: std::io::Error::other("no usable TLS settings") }),
         };
         if tx.send(Report::Probe { target: target.clone(), result }).await.is_err() {
             return;

@@ -203,9 +203,23 @@ fn dead_mail_server_is_marked_down_and_avoided_then_returns() {
 /// namespace until `stop`: `tarpit` accepts and never answers; otherwise it sends garbage.
 fn hostile_server(lab: &Lab, i: usize, tarpit: bool, stop: &'static std::sync::atomic::AtomicBool) {
     let host = lab.backend(i);
-    let addrs = [std::net::SocketAddr::new(host.v4().into(), 25), std::net::SocketAddr::new(host.v6().into(), 25)];
+    // On every address, as a mail server listens (the VIP on its loopback included).
+    let addrs: [std::net::SocketAddr; 2] = ["0.0.0.0:25".parse().unwrap(), "[::]:25".parse().unwrap()];
     for addr in addrs {
-        let listener = host.ns().run(move || std::net::TcpListener::bind(addr)).unwrap().expect("bind hostile server");
+        let listener = host
+            .ns()
+            .run(move || {
+                let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+                if addr.is_ipv6() {
+                    s.set_only_v6(true)?;
+                }
+                s.set_reuse_address(true)?;
+                s.bind(&addr.into())?;
+                s.listen(128)?;
+                Ok::<std::net::TcpListener, std::io::Error>(s.into())
+            })
+            .unwrap()
+            .expect("bind hostile server");
         listener.set_nonblocking(true).unwrap();
         std::thread::spawn(move || {
             use std::io::Write as _;
@@ -540,5 +554,41 @@ fn premium_client_group_keeps_service_longest() {
     node.cli(&["backend", "undrain", "b2"]).unwrap();
     for _ in 0..10 {
         assert!(first_line_from(&lab, standard).starts_with("220 "));
+    }
+}
+
+#[test]
+fn dsr_backends_are_probed_on_the_path_real_traffic_takes() {
+    if !lab::require_root("dsr_backends_are_probed_on_the_path_real_traffic_takes") {
+        return;
+    }
+    for mode in [Mode::DsrL2, Mode::DsrIpip] {
+        let lab = Lab::builder().backends(3).build().expect("lab");
+        let opts = NodeOpts { mode, health: Some("interval_ms = 100\ntimeout_ms = 300\nrise = 2\nfall = 2".into()), ..Default::default() };
+        let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(!node.log().contains("back-end down"), "{mode:?}: healthy back-ends failed a probe:\n{}", node.log());
+        // Back-end 1 still answers SMTP on its own address, but traffic for the VIP no longer
+        // reaches its mail server: the VIP is gone from its loopback (dsr-l2), or the
+        // decapsulation is (dsr-ipip).
+        let b1 = lab.backend(1);
+        match mode {
+            Mode::DsrL2 => {
+                b1.ns().ip(&["addr", "del", "198.18.0.100/32", "dev", "lo"]).unwrap();
+            }
+            Mode::DsrIpip => {
+                let out = std::process::Command::new(lab::node::mxlb_bin().unwrap())
+                    .args(["--netns", b1.ns().name(), "decap", "detach", b1.dev()])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+            }
+        }
+        wait_state(&node, "b1", "down", Duration::from_secs(10)).unwrap_or_else(|| panic!("{mode:?}: never marked down:\n{}", node.log()));
+        assert!(node.log().contains("vip-path 198.18.0.100:25"), "{mode:?}: reason names the VIP path:\n{}", node.log());
+        assert_eq!(state(&node, "b2"), "up", "{mode:?}");
+        let outcomes = run_sessions(lab.client().ns(), lab.vip_addr(AddrFamily::V4, 25), &SessionOpts { sessions: 200, ..Default::default() }, &Progress::default()).unwrap();
+        assert!(outcomes.iter().all(|o| o.error.is_none()), "{mode:?}: {:?}", outcomes.iter().find(|o| o.error.is_some()));
+        assert!(outcomes.iter().all(|o| o.backend.as_deref() != Some(b1.name().as_str())), "{mode:?}");
     }
 }
