@@ -467,6 +467,38 @@ fn full_or_dead_cluster_answers_421_and_established_sessions_finish() {
     assert!(line.starts_with("421 4.3.2 "), "got {line:?}");
 }
 
+#[test]
+fn shed_pop3_and_imap_sessions_get_their_protocols_tempfail() {
+    if !lab::require_root("shed_pop3_and_imap_sessions_get_their_protocols_tempfail") {
+        return;
+    }
+    let lab = Lab::builder().backends(2).build().expect("lab");
+    // One VIP with SMTP (probed), POP3 and IMAP ports; every back-end drained: all shed.
+    let opts = NodeOpts { mode: Mode::DsrL2, ports: vec![25, 110, 143], ..Default::default() };
+    let node = MxlbNode::start(&lab, opts).expect("mxlb starts");
+    lab.lb().ns().ip(&["addr", "add", "198.18.0.100/32", "dev", "lo"]).unwrap();
+    for b in ["b1", "b2"] {
+        node.cli(&["backend", "drain", b]).unwrap();
+    }
+    for (port, want) in [(110u16, "-ERR [SYS/TEMP] "), (143, "* BYE [UNAVAILABLE] "), (25, "421 4.3.2 ")] {
+        let vip = lab.vip_addr(AddrFamily::V4, port);
+        let line = lab
+            .client()
+            .ns()
+            .run(move || {
+                use std::io::BufRead as _;
+                let s = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+                let mut line = String::new();
+                std::io::BufReader::new(s).read_line(&mut line).map_err(|e| e.to_string())?;
+                Ok::<_, String>(line)
+            })
+            .unwrap()
+            .unwrap_or_else(|e| e);
+        assert!(line.starts_with(want) && line.ends_with("\r\n"), "port {port}: {line:?}");
+    }
+}
+
 type Held = (std::io::BufReader<std::net::TcpStream>, std::net::TcpStream);
 
 fn held_session(lab: &Lab) -> Held {
