@@ -21,6 +21,7 @@
 //!   CLI uses to reach a running agent.
 //! - [`metrics`]: Prometheus `/metrics` and the status behind `mxlb status`.
 //! - [`vippath`]: probing the VIP path in DSR modes (a crafted SYN through the back-end).
+//! - [`vrrp`]: VRRPv3 between LB nodes (so far: the advertisement codec and the RFC timers).
 //! - [`shed`]: the tempfail responder (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) for full VIPs.
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
 //!
@@ -41,6 +42,7 @@ pub mod policy;
 pub mod prober;
 pub mod report;
 pub mod shed;
+pub mod vrrp;
 pub mod vippath;
 
 /// The compiled eBPF object (all XDP programs and maps), embedded at build time by build.rs.
