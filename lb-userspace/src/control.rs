@@ -8,7 +8,6 @@
 //! the two cases.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::File,
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -100,7 +99,8 @@ impl Controller {
     /// Applies, records and publishes one operator change.
     pub async fn change(&mut self, change: Change) -> Result<String, ControlError> {
         let state_dir = self.config.node.state_dir.clone();
-        let _lock = StateLock::acquire(&state_dir)?;
+        // One change at a time, whether the agent or a CLI process applies it.
+        let _lock = crate::statefile::lock(&state_dir, "lock")?;
         // Re-read the log under the lock: another CLI process may have written it.
         let mut log = ChangeLog::load(&state_dir)?;
         let (mut desired, _) = log.replay(self.config.clone());
@@ -344,22 +344,6 @@ pub fn state_name(s: u8) -> &'static str {
         lb_common::state::DRAINING => "draining",
         lb_common::state::DOWN => "down",
         _ => "unused",
-    }
-}
-
-/// Exclusive lock on the state directory while a change is applied; released when the file
-/// is closed (dropped).
-struct StateLock {
-    _file: File,
-}
-
-impl StateLock {
-    fn acquire(state_dir: &Path) -> Result<StateLock, ControlError> {
-        std::fs::create_dir_all(state_dir).map_err(|e| ControlError::Io(format!("{}: {e}", state_dir.display())))?;
-        let path = state_dir.join("lock");
-        let f = File::create(&path).map_err(|e| ControlError::Io(format!("{}: {e}", path.display())))?;
-        f.lock().map_err(|e| ControlError::Io(format!("{}: {e}", path.display())))?;
-        Ok(StateLock { _file: f })
     }
 }
 

@@ -9,8 +9,6 @@
 //! warning rather than blocking the start.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
-    io::Write as _,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -171,22 +169,7 @@ pub struct ChangeLog {
     pub changes: Vec<Change>,
 }
 
-/// Errors reading or writing the change log.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: not a valid change log: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-}
+pub use crate::statefile::StateError;
 
 impl ChangeLog {
     pub fn path(state_dir: &Path) -> PathBuf {
@@ -195,31 +178,12 @@ impl ChangeLog {
 
     /// Loads the log; a missing file is an empty log.
     pub fn load(state_dir: &Path) -> Result<ChangeLog, StateError> {
-        let path = Self::path(state_dir);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Parse { path, source }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ChangeLog::default()),
-            Err(source) => Err(StateError::Io { path, source }),
-        }
+        crate::statefile::load(&Self::path(state_dir), "change log")
     }
 
-    /// Writes the log atomically and durably (temp file, fsync, rename, fsync of the directory),
-    /// so a crash leaves either the old or the new log, never half of one.
+    /// Writes the log atomically and durably ([`crate::statefile::save`]).
     pub fn save(&self, state_dir: &Path) -> Result<(), StateError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StateError::Io { path, source }
-        };
-        fs::create_dir_all(state_dir).map_err(io(state_dir))?;
-        let path = Self::path(state_dir);
-        let tmp = state_dir.join("changes.json.tmp");
-        let bytes = serde_json::to_vec_pretty(self).expect("change log serialises");
-        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        fs::File::open(state_dir).and_then(|d| d.sync_all()).map_err(io(state_dir))?;
-        Ok(())
+        crate::statefile::save(state_dir, "changes.json", self)
     }
 
     /// Appends a change, dropping earlier ones it makes irrelevant, so the log stays as short
@@ -380,6 +344,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use lb_common::state;
 
     fn desired() -> Desired {

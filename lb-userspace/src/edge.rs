@@ -25,8 +25,6 @@
 use std::{
     collections::{BTreeSet, HashSet},
     fmt,
-    fs,
-    io::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     str::FromStr,
@@ -245,26 +243,12 @@ pub struct EdgeState {
 /// Errors of the edge commands.
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: not a valid edge state file: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error(transparent)]
+    State(#[from] crate::statefile::StateError),
     #[error(transparent)]
     Maps(#[from] MapsError),
     #[error("{0}")]
     Invalid(String),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EdgeError + '_ {
-    move |source| EdgeError::Io { path: path.to_path_buf(), source }
 }
 
 impl EdgeState {
@@ -274,26 +258,12 @@ impl EdgeState {
 
     /// Loads the state; a missing file is the empty state.
     pub fn load(state_dir: &Path) -> Result<EdgeState, EdgeError> {
-        let path = Self::path(state_dir);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| EdgeError::Parse { path, source }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EdgeState::default()),
-            Err(source) => Err(EdgeError::Io { path, source }),
-        }
+        Ok(crate::statefile::load(&Self::path(state_dir), "edge state file")?)
     }
 
-    /// Writes the state atomically and durably (temp file, fsync, rename, fsync of the dir).
+    /// Writes the state atomically and durably ([`crate::statefile::save`]).
     pub fn save(&self, state_dir: &Path) -> Result<(), EdgeError> {
-        fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
-        let path = Self::path(state_dir);
-        let tmp = state_dir.join("edge.json.tmp");
-        let bytes = serde_json::to_vec_pretty(self).expect("edge state serialises");
-        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(&bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        fs::File::open(state_dir).and_then(|d| d.sync_all()).map_err(io_err(state_dir))?;
-        Ok(())
+        Ok(crate::statefile::save(state_dir, "edge.json", self)?)
     }
 
     fn list_mut(&mut self, allow: bool) -> &mut BTreeSet<Cidr> {
@@ -343,7 +313,7 @@ pub struct Edge {
     config: EdgeConfig,
     state: EdgeState,
     maps: Option<EdgeMaps>,
-    _lock: fs::File,
+    _lock: crate::statefile::Lock,
 }
 
 /// `mxlb block list`.
@@ -369,13 +339,7 @@ impl Edge {
     }
 
     pub fn open_with(config: EdgeConfig, state_dir: &Path, bpffs_dir: &Path) -> Result<Edge, EdgeError> {
-        fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
-        let lock_path = state_dir.join("edge.lock");
-        let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
-        // SAFETY: flock(2) on a file descriptor we own; released when it closes.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-            return Err(EdgeError::Io { path: lock_path, source: std::io::Error::last_os_error() });
-        }
+        let lock = crate::statefile::lock(state_dir, "edge.lock")?;
         let state = EdgeState::load(state_dir)?;
         let maps = if EdgeMaps::pinned_in(bpffs_dir) { Some(EdgeMaps::open_pinned(bpffs_dir)?) } else { None };
         Ok(Edge { state_dir: state_dir.to_path_buf(), config, state, maps, _lock: lock })
@@ -494,6 +458,7 @@ pub fn bucket_key(src: IpAddr) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn c(s: &str) -> Cidr {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))

@@ -22,6 +22,7 @@
 //! - [`metrics`]: Prometheus `/metrics` and the status behind `mxlb status`.
 //! - [`vippath`]: probing the VIP path in DSR modes (a crafted SYN through the back-end).
 //! - [`vrrp`]: VRRPv3 between LB nodes (so far: the advertisement codec and the RFC timers).
+//! - [`statefile`]: crash-safe JSON files and the lock in the state directory.
 //! - [`shed`]: the tempfail responder (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) for full VIPs.
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
 //!
@@ -42,6 +43,7 @@ pub mod policy;
 pub mod prober;
 pub mod report;
 pub mod shed;
+pub mod statefile;
 pub mod vrrp;
 pub mod vippath;
 
