@@ -78,11 +78,6 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
         Ok(c) => c,
         Err(v) => {
             count(&VIP_STATS, meta.id, len, 0);
-            // No back-end can take it: a shedding VIP hands it to this node's tempfail
-            // responder (a polite "try later") instead of letting the client time out.
-            if v.reason == Reason::DropNoBackend && meta.flags & vip_flags::SHED != 0 && !pkt.icmp {
-                return Ok(Verdict::pass(Reason::PassShed));
-            }
             return Err(v);
         }
     };
@@ -155,14 +150,17 @@ fn choose(key: &Key, meta: &VipMeta, syn: bool, insert: bool, tcp: bool) -> Res<
     if !syn && tcp && edge::blocked(key) {
         return Err(Verdict::drop(Reason::DropBlocked));
     }
-    // Client groups: while a shedding VIP runs below full capacity, a new flow (no conntrack
-    // entry) from a group whose minimum is above what is left goes to the tempfail responder;
-    // premium groups (lower minimum) keep service longest. Every packet of such a flow takes
-    // this path (none is tracked), so it stays on this node; established flows are untouched.
-    if tcp && meta.capacity < 100 && meta.flags & vip_flags::SHED != 0 && (meta.capacity as u32) < edge::group_min_capacity(key) {
+    // Shedding: a TCP flow no back-end may take goes, on a shedding VIP, to this node's tempfail
+    // responder (a polite "try later") instead of timing out. That is every new flow when the
+    // ring has no live back-end, and, while the VIP runs below full capacity, new flows from a
+    // client group whose minimum is above what is left (premium groups, with a lower minimum,
+    // keep service longest). Every packet of such a flow takes this path (none is tracked), so
+    // it stays on this node; established flows are untouched.
+    let shed = tcp && meta.flags & vip_flags::SHED != 0;
+    if shed && meta.capacity < 100 && (meta.capacity as u32) < edge::group_min_capacity(key) {
         return Err(Verdict::pass(Reason::PassShed));
     }
-    let no_backend = Verdict::drop(Reason::DropNoBackend);
+    let no_backend = if shed { Verdict::pass(Reason::PassShed) } else { Verdict::drop(Reason::DropNoBackend) };
     if meta.ring >= MAX_RINGS {
         return Err(no_backend);
     }
