@@ -213,7 +213,8 @@ impl Controller {
 
     /// Everything at a glance: state, health, weights, load, probe times, counters.
     pub fn status(&self) -> Result<crate::metrics::Status, ControlError> {
-        let rows = crate::report::backends(&self.desired, self.maps.as_ref())?;
+        let view = crate::report::MapsView::read(self.maps.as_ref())?;
+        let rows = crate::report::backends(&self.desired, &view)?;
         let backends = rows
             .into_iter()
             .map(|r| {
@@ -239,7 +240,7 @@ impl Controller {
                 }
             })
             .collect();
-        let vips = crate::report::vips(&self.desired, self.maps.as_ref())?;
+        let vips = crate::report::vips(&self.desired, &view)?;
         let decisions = match &self.maps {
             Some(m) => m.reason_counters()?.into_iter().map(|(r, c)| (r.name().to_string(), c.packets)).collect(),
             None => Vec::new(),

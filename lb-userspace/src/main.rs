@@ -412,7 +412,7 @@ fn printed_json<T: serde::Serialize>(rows: &T, json: bool) -> Result<bool> {
 
 async fn list_vips(config: Config, json: bool) -> Result<()> {
     let view = open_view(config)?;
-    let rows = report::vips(view.desired(), view.maps())?;
+    let rows = report::vips(view.desired(), &report::MapsView::read(view.maps())?)?;
     if printed_json(&rows, json)? {
         return Ok(());
     }
@@ -438,7 +438,7 @@ async fn list_vips(config: Config, json: bool) -> Result<()> {
 
 async fn list_backends(config: Config, json: bool) -> Result<()> {
     let view = open_view(config)?;
-    let rows = report::backends(view.desired(), view.maps())?;
+    let rows = report::backends(view.desired(), &report::MapsView::read(view.maps())?)?;
     if printed_json(&rows, json)? {
         return Ok(());
     }

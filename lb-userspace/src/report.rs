@@ -41,12 +41,21 @@ pub struct PortRow {
     pub counters: Counters,
 }
 
-fn snapshot(maps: Option<&DataplaneMaps>) -> Result<Option<Snapshot>, MapsError> {
-    maps.map(|m| m.snapshot()).transpose()
+/// The maps as read once for one listing (a snapshot walks every back-end slot).
+pub struct MapsView<'a> {
+    maps: Option<&'a DataplaneMaps>,
+    snap: Option<Snapshot>,
 }
 
-pub fn backends(desired: &Desired, maps: Option<&DataplaneMaps>) -> Result<Vec<BackendRow>, MapsError> {
-    let snap = snapshot(maps)?;
+impl<'a> MapsView<'a> {
+    /// Reads the maps' state now (nothing when no maps are pinned yet).
+    pub fn read(maps: Option<&'a DataplaneMaps>) -> Result<MapsView<'a>, MapsError> {
+        Ok(MapsView { maps, snap: maps.map(|m| m.snapshot()).transpose()? })
+    }
+}
+
+pub fn backends(desired: &Desired, view: &MapsView) -> Result<Vec<BackendRow>, MapsError> {
+    let (maps, snap) = (view.maps, &view.snap);
     let c = &desired.config;
     let mut rows = Vec::new();
     for b in &c.backends {
@@ -75,8 +84,8 @@ pub fn backends(desired: &Desired, maps: Option<&DataplaneMaps>) -> Result<Vec<B
     Ok(rows)
 }
 
-pub fn vips(desired: &Desired, maps: Option<&DataplaneMaps>) -> Result<Vec<VipRow>, MapsError> {
-    let snap = snapshot(maps)?;
+pub fn vips(desired: &Desired, view: &MapsView) -> Result<Vec<VipRow>, MapsError> {
+    let (maps, snap) = (view.maps, &view.snap);
     let mut rows = Vec::new();
     for v in &desired.config.vips {
         let addr = addr_to_key(v.address);
@@ -119,11 +128,12 @@ pub struct Sample {
 
 pub fn sample(desired: &Desired, maps: &DataplaneMaps) -> Result<Sample, MapsError> {
     let at = Instant::now();
-    let vips = vips(desired, Some(maps))?
+    let view = MapsView::read(Some(maps))?;
+    let vips = vips(desired, &view)?
         .into_iter()
         .flat_map(|v| v.ports.into_iter().map(move |p| (format!("{}:{}", v.name, p.port), p.counters)))
         .collect();
-    let backends = backends(desired, Some(maps))?.into_iter().map(|b| (b.name, b.counters)).collect();
+    let backends = backends(desired, &view)?.into_iter().map(|b| (b.name, b.counters)).collect();
     let reasons = maps.reason_counters()?.into_iter().map(|(r, c)| (r.name().to_string(), c)).collect();
     Ok(Sample { at, vips, backends, reasons })
 }
