@@ -308,10 +308,12 @@ impl Dp {
         m.get(&mxlb::edge::bucket_key(src), 0).ok()
     }
 
-    /// Moves a bucket's last refill `secs` into the past (instead of sleeping).
+    /// Moves a bucket's last refill `secs` into the past (instead of sleeping). Wrapping, as
+    /// the data path computes: on a machine up for less than `secs` (a fresh CI machine) the
+    /// timestamp wraps, and the data path must treat that as long idle too.
     fn age_bucket(&mut self, src: IpAddr, secs: u64) {
         let mut b = self.bucket(src).expect("bucket exists");
-        b.last_ns -= secs * 1_000_000_000;
+        b.last_ns = b.last_ns.wrapping_sub(secs * 1_000_000_000);
         let mut m: HashMap<_, [u8; 16], SynBucket> =
             HashMap::try_from(self.ebpf.map_mut(MAP_SYN_BUCKETS).unwrap()).unwrap();
         m.insert(mxlb::edge::bucket_key(src), b, 0).unwrap();
