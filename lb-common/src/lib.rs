@@ -100,6 +100,11 @@ pub mod vip_flags {
     /// When no back-end can take a new flow (empty ring), pass it to this node's stack, where
     /// `mxlb run` answers with the protocol's "try again later", instead of dropping it.
     pub const SHED: u8 = 1;
+    /// This node is not the VRRP master for the VIP: its packets are passed untouched
+    /// (`pass_standby`) to the kernel, which does not hold the address either. Userspace sets it
+    /// while the VIP's VRRP instance is BACKUP, FAULT or stopped, and also leaves out the
+    /// address-level marker, so nothing about the address is decided here.
+    pub const STANDBY: u8 = 2;
 }
 
 /// Back-end states ([`Backend::state`]).
@@ -271,6 +276,9 @@ pub enum Reason {
     /// No back-end can take the flow and the VIP sheds ([`vip_flags::SHED`]): passed to this
     /// node's tempfail responder.
     PassShed = 14,
+    /// The VIP is on standby on this node ([`vip_flags::STANDBY`]: another node is the VRRP
+    /// master): XDP_PASS untouched.
+    PassStandby = 15,
 }
 
 /// Number of slots in [`MAP_REASON_STATS`] (room for reasons added later).
@@ -278,7 +286,7 @@ pub const REASON_SLOTS: u32 = 32;
 
 impl Reason {
     /// Every reason, in index order (for listings).
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::PassNonIp,
         Reason::PassNonVip,
         Reason::PassMalformed,
@@ -294,6 +302,7 @@ impl Reason {
         Reason::DropBlocked,
         Reason::DropRateLimited,
         Reason::PassShed,
+        Reason::PassStandby,
     ];
 
     /// Stable snake_case name used by `mxlb stats` and metrics.
@@ -314,6 +323,7 @@ impl Reason {
             Reason::DropBlocked => "drop_blocked",
             Reason::DropRateLimited => "drop_rate_limited",
             Reason::PassShed => "pass_shed",
+            Reason::PassStandby => "pass_standby",
         }
     }
 }

@@ -56,6 +56,12 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
         Some(m) => unsafe { *m },
         None => return Ok(Verdict::pass(Reason::PassNonVip)),
     };
+    // Another LB node is the VRRP master for this VIP: not ours to balance (nor to count
+    // against the sender's SYN bucket).
+    if meta.flags & vip_flags::STANDBY != 0 {
+        count(&VIP_STATS, meta.id, len, 0);
+        return Ok(Verdict::pass(Reason::PassStandby));
+    }
     // Edge protection ([`edge`]): SYNs only, after the VIP lookup (non-VIP traffic never
     // pays for it), before the mode (local VIPs are protected too). ICMP has no flags.
     let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;

@@ -54,6 +54,11 @@
 //!   new flow. VIP counters count every packet that matched the VIP (also local and dropped
 //!   ones), back-end counters only packets actually sent to that back-end.
 //! - **dsr-l2 with a zero back-end MAC** is a configuration error: dropped as `drop_no_route`.
+//! - **Standby VIPs.** A VIP whose VRRP instance is not master on this node carries
+//!   `vip_flags::STANDBY`: its packets are passed untouched (`pass_standby`) before edge
+//!   protection or any lookup, and userspace leaves out its address marker (fragments to it
+//!   are `pass_non_vip`). The kernel does not hold the address on a backup either, so such
+//!   stray packets (a client with a stale ARP entry) are routed like any other transit packet.
 //! - **Port 0** in `MXLB_VIPS` is only the address marker: TCP to port 0 is `pass_non_vip`.
 //! - **Unknown VIP modes** pass (`pass_non_vip`) rather than guess.
 //! - **Edge protection** ([`edge`]) runs after the VIP lookup and only for SYNs (and for

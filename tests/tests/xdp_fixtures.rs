@@ -1644,6 +1644,30 @@ fn shedding_vip_passes_flows_no_backend_can_take() {
 }
 
 #[test]
+fn standby_vip_passes_everything_untouched() {
+    isolated("standby_vip_passes_everything_untouched", || {
+        let mut dp = standard();
+        // An established flow through this node while it was master.
+        let syn = tcp_frame(c4(), 45100, v4(), SMTP, SYN, b"");
+        assert_eq!(dp.try_run(PROG_BALANCER, &syn).unwrap().action, XDP_TX);
+        // Another node became master: every packet to the VIP is passed unmodified, SYN or
+        // not, conntrack entry or not, and nothing new is tracked.
+        dp.vip_flags(v4(), SMTP, lb_common::vip_flags::STANDBY);
+        dp.pass("standby syn", &tcp_frame(c4(), 45101, v4(), SMTP, SYN, b""), Reason::PassStandby);
+        dp.pass("standby established", &tcp_frame(c4(), 45100, v4(), SMTP, ACK, b"x"), Reason::PassStandby);
+        dp.pass("standby rst", &tcp_frame(c4(), 45102, v4(), SMTP, RST, b""), Reason::PassStandby);
+        assert!(dp.conntrack(&key4(c4(), 45101)).is_none(), "standby SYN tracked");
+        // Becoming master again: the old flow resumes from its entry, new ones are balanced.
+        dp.vip_flags(v4(), SMTP, 0);
+        assert_eq!(dp.try_run(PROG_BALANCER, &tcp_frame(c4(), 45100, v4(), SMTP, ACK, b"x")).unwrap().action, XDP_TX);
+        assert_eq!(dp.try_run(PROG_BALANCER, &tcp_frame(c4(), 45103, v4(), SMTP, SYN, b"")).unwrap().action, XDP_TX);
+        // Standby wins over shedding.
+        dp.vip_flags(v4(), SMTP, lb_common::vip_flags::STANDBY | lb_common::vip_flags::SHED);
+        dp.pass("standby over shed", &tcp_frame(c4(), 45104, v4(), SMTP, SYN, b""), Reason::PassStandby);
+    });
+}
+
+#[test]
 fn client_groups_are_shed_by_capacity() {
     isolated("client_groups_are_shed_by_capacity", || {
         let mut dp = standard();
