@@ -39,6 +39,132 @@ pub struct Config {
     /// Client groups for overload shedding (premium networks keep service longest).
     #[serde(default, rename = "client_group")]
     pub client_groups: Vec<ClientGroup>,
+    /// VRRPv3 instances: which VIPs this node holds together with its peers.
+    #[serde(default, rename = "vrrp")]
+    pub vrrp: Vec<VrrpInstanceConfig>,
+    /// Instances that change state together (the SMTP and the POP/IMAP VIPs on one node).
+    #[serde(default, rename = "vrrp_sync_group")]
+    pub vrrp_sync_groups: Vec<VrrpSyncGroupConfig>,
+}
+
+/// One VRRPv3 virtual router (RFC 5798/9568): the node with the highest priority holds the
+/// addresses of `vips`; the others keep them on standby in the data path and take over when
+/// its advertisements stop. Field names follow keepalived's where they mean the same.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VrrpInstanceConfig {
+    /// Shown in logs, `mxlb status`, metrics, and passed to the notify hook.
+    pub name: String,
+    /// Virtual router id (1-255), the same on every node of this router.
+    pub vrid: u8,
+    /// Where advertisements go and the VIPs are added; default: the first `[node] interfaces`.
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// 1-254, higher wins; 255 = the address owner (master at once).
+    #[serde(default = "default_vrrp_priority")]
+    pub priority: u8,
+    /// Advertisement interval, in milliseconds, a multiple of 10 (centiseconds on the wire),
+    /// 10 to 40950. A backup takes over 3 intervals plus a skew after the last advertisement.
+    #[serde(default = "default_advert_interval_ms")]
+    pub advert_interval_ms: u32,
+    /// Take over from a lower-priority master (false = keepalived's `nopreempt`).
+    #[serde(default = "default_true")]
+    pub preempt: bool,
+    /// After start (or recovering from FAULT), wait this long before preempting a
+    /// lower-priority master, so health checks settle first.
+    #[serde(default)]
+    pub preempt_delay_ms: u64,
+    /// Names of `[[vip]]` entries whose addresses this instance holds (all one family).
+    pub vips: Vec<String>,
+    /// Send advertisements to these peers instead of 224.0.0.18 / ff02::12 (networks that
+    /// block multicast, clouds). Empty = multicast.
+    #[serde(default)]
+    pub unicast_peers: Vec<IpAddr>,
+    /// IPv4 checksum: `pseudo-header` (RFC 5798, keepalived) or `no-pseudo-header` (RFC 9568's
+    /// IPv4 variant some vendors use). IPv6 always includes it.
+    #[serde(default)]
+    pub checksum: VrrpChecksum,
+    /// Gratuitous ARPs / unsolicited NAs sent on becoming master (and again 5 s later).
+    #[serde(default = "default_garp_repeat")]
+    pub garp_repeat: u32,
+    /// While master, repeat them this often (ms) so caches stay right; 0 = off.
+    #[serde(default = "default_garp_refresh_ms")]
+    pub garp_refresh_ms: u64,
+    /// Run on every state change as `COMMAND INSTANCE NAME STATE PRIORITY` (keepalived's
+    /// `notify` arguments; STATE is MASTER, BACKUP, FAULT or STOP).
+    #[serde(default)]
+    pub notify: Option<PathBuf>,
+    /// Interfaces whose loss lowers the priority (or means FAULT).
+    #[serde(default)]
+    pub track_interface: Vec<TrackInterface>,
+    /// VIPs whose healthy back-end count is tracked.
+    #[serde(default)]
+    pub track_backends: Vec<TrackBackends>,
+}
+
+/// keepalived's track weight: absent or 0 → FAULT while the check fails; negative → the
+/// priority is lowered by that much while it fails; positive → raised by that much while it
+/// holds. The result is kept within 1-254.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrackInterface {
+    pub name: String,
+    #[serde(default)]
+    pub weight: i32,
+}
+
+/// Fails while fewer than `need` back-ends of VIP `vip` are healthy (probed up).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrackBackends {
+    pub vip: String,
+    pub need: u32,
+    #[serde(default)]
+    pub weight: i32,
+}
+
+/// Instances that move together: one becoming master, backup or faulty takes the others
+/// with it, and their track adjustments add up for all of them (so the peer node sees every
+/// member's priority fall at once and takes them all, instead of splitting the group).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VrrpSyncGroupConfig {
+    pub name: String,
+    pub instances: Vec<String>,
+    /// Run on every group state change as `COMMAND GROUP NAME STATE 0`.
+    #[serde(default)]
+    pub notify: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum VrrpChecksum {
+    #[default]
+    PseudoHeader,
+    NoPseudoHeader,
+}
+
+fn default_vrrp_priority() -> u8 {
+    100
+}
+fn default_advert_interval_ms() -> u32 {
+    1000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_garp_repeat() -> u32 {
+    5
+}
+fn default_garp_refresh_ms() -> u64 {
+    60_000
+}
+
+impl VrrpInstanceConfig {
+    /// The interface it runs on.
+    pub fn interface<'a>(&'a self, node: &'a NodeConfig) -> &'a str {
+        self.interface.as_deref().or(node.interfaces.first().map(String::as_str)).unwrap_or("")
+    }
 }
 
 /// Source networks that share a shedding threshold: while a shedding VIP's capacity (the share
@@ -625,7 +751,131 @@ impl Config {
         if vip_keys > lb_common::MAX_VIPS as usize {
             p(KeyPath::new("vip"), format!("too many VIP ports (at most {} address:port pairs)", lb_common::MAX_VIPS));
         }
+        self.validate_vrrp(&mut p);
         out
+    }
+
+    fn validate_vrrp(&self, p: &mut impl FnMut(KeyPath, String)) {
+        let mut names = HashMap::new();
+        let mut routers: HashMap<(String, bool, u8), usize> = HashMap::new();
+        let mut held: HashMap<&str, usize> = HashMap::new();
+        for (i, r) in self.vrrp.iter().enumerate() {
+            let at = KeyPath::new("vrrp").index(i);
+            if let Err(m) = validate_name(&r.name) {
+                p(at.key("name"), m);
+            } else if let Some(prev) = names.insert(r.name.as_str(), i) {
+                p(at.key("name"), format!("VRRP instance `{}` is already defined as vrrp[{prev}]", r.name));
+            }
+            if r.vrid == 0 {
+                p(at.key("vrid"), "0 is not a valid virtual router id (1 to 255)".into());
+            }
+            if r.priority == 0 {
+                p(at.key("priority"), "0 is reserved for a master that is leaving (1 to 255)".into());
+            }
+            if !(10..=40_950).contains(&r.advert_interval_ms) || r.advert_interval_ms % 10 != 0 {
+                p(
+                    at.key("advert_interval_ms"),
+                    format!("{} must be a multiple of 10 from 10 to 40950 (centiseconds on the wire)", r.advert_interval_ms),
+                );
+            }
+            if r.preempt_delay_ms > 3_600_000 {
+                p(at.key("preempt_delay_ms"), format!("{} is out of range (0 to 3600000)", r.preempt_delay_ms));
+            }
+            if r.garp_repeat > 100 {
+                p(at.key("garp_repeat"), format!("{} is out of range (0 to 100)", r.garp_repeat));
+            }
+            if r.garp_refresh_ms != 0 && r.garp_refresh_ms < 1000 {
+                p(at.key("garp_refresh_ms"), format!("{} is out of range (0 = off, or at least 1000)", r.garp_refresh_ms));
+            }
+            let iface = r.interface(&self.node);
+            if iface.is_empty() {
+                p(at.key("interface"), "no interface: set it or `[node] interfaces`".into());
+            }
+            if r.vips.is_empty() {
+                p(at.key("vips"), "at least one [[vip]] is required".into());
+            }
+            let mut family = None;
+            for (j, name) in r.vips.iter().enumerate() {
+                match self.vip(name) {
+                    None => p(at.key("vips").index(j), format!("no [[vip]] is named `{name}`")),
+                    Some(v) => {
+                        if let Some(prev) = held.insert(name.as_str(), i) {
+                            p(at.key("vips").index(j), format!("VIP `{name}` is already held by vrrp[{prev}]"));
+                        }
+                        match family {
+                            None => family = Some(v.address.is_ipv6()),
+                            Some(v6) if v6 != v.address.is_ipv6() => p(
+                                at.key("vips").index(j),
+                                format!("`{name}` is of the other address family: one instance holds IPv4 or IPv6 addresses, not both"),
+                            ),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            let v6 = family.unwrap_or(false);
+            for (j, peer) in r.unicast_peers.iter().enumerate() {
+                if peer.is_ipv6() != v6 {
+                    p(at.key("unicast_peers").index(j), format!("{peer} is not of the VIPs' address family"));
+                } else if let Err(m) = validate_unicast(*peer) {
+                    p(at.key("unicast_peers").index(j), m);
+                }
+            }
+            if v6 && r.checksum == VrrpChecksum::NoPseudoHeader {
+                p(at.key("checksum"), "IPv6 always includes the pseudo-header".into());
+            }
+            if family.is_some() {
+                if let Some(prev) = routers.insert((iface.to_string(), v6, r.vrid), i) {
+                    p(at.key("vrid"), format!("vrrp[{prev}] already uses VRID {} for this family on {iface}", r.vrid));
+                }
+            }
+            for (j, t) in r.track_interface.iter().enumerate() {
+                if t.name.is_empty() || t.name.len() > 15 {
+                    p(at.key("track_interface").index(j).key("name"), format!("`{}` is not a valid interface name", t.name));
+                }
+                if !(-254..=254).contains(&t.weight) {
+                    p(at.key("track_interface").index(j).key("weight"), format!("{} is out of range (-254 to 254)", t.weight));
+                }
+            }
+            for (j, t) in r.track_backends.iter().enumerate() {
+                let tat = at.key("track_backends").index(j);
+                match self.vip(&t.vip) {
+                    None => p(tat.key("vip"), format!("no [[vip]] is named `{}`", t.vip)),
+                    Some(v) if t.need as usize > v.backends.len() => {
+                        p(tat.key("need"), format!("{} is more than the {} back-ends of `{}`", t.need, v.backends.len(), t.vip))
+                    }
+                    _ => {}
+                }
+                if !(-254..=254).contains(&t.weight) {
+                    p(tat.key("weight"), format!("{} is out of range (-254 to 254)", t.weight));
+                }
+            }
+        }
+        let mut group_names = HashSet::new();
+        let mut grouped: HashMap<&str, usize> = HashMap::new();
+        for (i, g) in self.vrrp_sync_groups.iter().enumerate() {
+            let at = KeyPath::new("vrrp_sync_group").index(i);
+            if let Err(m) = validate_name(&g.name) {
+                p(at.key("name"), m);
+            } else if !group_names.insert(g.name.as_str()) {
+                p(at.key("name"), format!("sync group `{}` is defined twice", g.name));
+            }
+            if g.instances.len() < 2 {
+                p(at.key("instances"), "a sync group needs at least two instances".into());
+            }
+            for (j, name) in g.instances.iter().enumerate() {
+                if !names.contains_key(name.as_str()) {
+                    p(at.key("instances").index(j), format!("no [[vrrp]] instance is named `{name}`"));
+                } else if let Some(prev) = grouped.insert(name.as_str(), i) {
+                    p(at.key("instances").index(j), format!("`{name}` is already in vrrp_sync_group[{prev}]"));
+                }
+            }
+        }
+    }
+
+    /// The VRRP instance holding VIP `name`, if any.
+    pub fn vrrp_of_vip(&self, name: &str) -> Option<&VrrpInstanceConfig> {
+        self.vrrp.iter().find(|r| r.vips.iter().any(|v| v == name))
     }
 
     pub fn backend(&self, name: &str) -> Option<&BackendConfig> {
@@ -849,6 +1099,66 @@ name = "b"
 address = "198.18.0.12"
 mac = "02:00:00:00:00:0b"
 "#;
+
+    const VRRP: &str = r#"
+[[vip]]
+name = "mx6"
+address = "2001:db8::100"
+ports = [25]
+mode = "dsr-l2"
+backends = ["a"]
+
+[[vrrp]]
+name = "smtp"
+vrid = 51
+priority = 150
+advert_interval_ms = 100
+vips = ["mx"]
+track_interface = [{ name = "eth0" }]
+track_backends = [{ vip = "mx", need = 1, weight = -60 }]
+
+[[vrrp]]
+name = "smtp6"
+vrid = 51
+vips = ["mx6"]
+
+[[vrrp_sync_group]]
+name = "mail"
+instances = ["smtp", "smtp6"]
+"#;
+
+    #[test]
+    fn vrrp_instances_parse_with_keepalived_defaults() {
+        let c = Config::parse(&format!("{GOOD}{VRRP}"), "test.toml").unwrap();
+        let r = &c.vrrp[0];
+        assert_eq!((r.vrid, r.priority, r.advert_interval_ms, r.preempt), (51, 150, 100, true));
+        assert_eq!(r.interface(&c.node), "eth0", "defaults to the first node interface");
+        assert_eq!(r.track_interface[0].weight, 0, "no weight = FAULT, as in keepalived");
+        assert_eq!((c.vrrp[1].priority, c.vrrp[1].advert_interval_ms), (100, 1000));
+        assert_eq!(c.vrrp[0].checksum, VrrpChecksum::PseudoHeader);
+        assert_eq!(c.vrrp_of_vip("mx6").map(|r| r.name.as_str()), Some("smtp6"), "the same VRID may serve each family");
+        assert_eq!(c.vrrp_sync_groups[0].instances.len(), 2);
+    }
+
+    #[test]
+    fn vrrp_mistakes_are_located() {
+        let base = format!("{GOOD}{VRRP}");
+        let keys = |text: &str| errors(text).into_iter().map(|e| (e.line, e.key)).collect::<Vec<_>>();
+        // line 31 is `vrid = 51` of the first instance, 33 its interval.
+        assert_eq!(keys(&base.replacen("vrid = 51", "vrid = 0", 1)), [(31, "vrrp[0].vrid".to_string())]);
+        assert_eq!(keys(&base.replace("advert_interval_ms = 100", "advert_interval_ms = 105")), [(33, "vrrp[0].advert_interval_ms".to_string())]);
+        assert_eq!(keys(&base.replace("vips = [\"mx6\"]", "vips = [\"mx\"]"))[0].1, "vrrp[1].vips[0]", "one VIP, one instance");
+        assert_eq!(keys(&base.replace("vips = [\"mx6\"]", "vips = [\"nope\"]"))[0].1, "vrrp[1].vips[0]");
+        assert_eq!(keys(&base.replace("need = 1", "need = 3"))[0].1, "vrrp[0].track_backends[0].need");
+        assert_eq!(keys(&base.replace("weight = -60", "weight = -300"))[0].1, "vrrp[0].track_backends[0].weight");
+        assert_eq!(keys(&base.replace("\"smtp\", \"smtp6\"", "\"smtp\", \"imap\""))[0].1, "vrrp_sync_group[0].instances[1]");
+        assert_eq!(keys(&base.replace("name = \"smtp6\"\nvrid = 51\nvips = [\"mx6\"]", "name = \"smtp6\"\nvrid = 51\nvips = [\"mx6\"]\nchecksum = \"no-pseudo-header\""))[0].1, "vrrp[1].checksum");
+        let mixed = base.replace("vips = [\"mx\"]", "vips = [\"mx\", \"mx6\"]").replace("vips = [\"mx6\"]\n", "vips = []\n");
+        let e = errors(&mixed);
+        assert!(e.iter().any(|e| e.key == "vrrp[0].vips[1]" && e.message.contains("family")), "{e:?}");
+        let unknown = errors(&base.replace("priority = 150", "priority = 150\nauth_pass = \"x\""));
+        assert!(unknown[0].message.contains("unknown field") && unknown[0].key.starts_with("vrrp[0]"), "{unknown:?}");
+    }
 
     #[test]
     fn embedded_default_is_valid() {

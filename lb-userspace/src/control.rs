@@ -62,6 +62,13 @@ pub struct Controller {
     /// without them (it would address frames to 00:00:00:00:00:00).
     refreshed: bool,
     last_plan: Option<Plan>,
+    /// VIPs whose VRRP instance is not master here: on standby in the data path. Every VIP
+    /// held by a `[[vrrp]]` instance starts here; only the running agent's VRRP, as master,
+    /// takes one out (a CLI writing the maps without an agent keeps them on standby: no VRRP
+    /// runs, so this node is not the master).
+    standby: BTreeSet<String>,
+    /// What the VRRP instances report, for `mxlb status` and metrics.
+    vrrp: Vec<crate::vrrp::InstanceStatus>,
 }
 
 impl Controller {
@@ -73,7 +80,10 @@ impl Controller {
         for (change, why) in skipped {
             warn!(?change, %why, "recorded CLI change no longer applies to the config; skipped");
         }
+        let standby = config.vrrp.iter().flat_map(|r| r.vips.iter().cloned()).collect();
         Ok(Controller {
+            standby,
+            vrrp: Vec::new(),
             config,
             desired,
             maps,
@@ -245,7 +255,43 @@ impl Controller {
             Some(m) => m.reason_counters()?.into_iter().map(|(r, c)| (r.name().to_string(), c.packets)).collect(),
             None => Vec::new(),
         };
-        Ok(crate::metrics::Status { backends, vips, decisions })
+        Ok(crate::metrics::Status { backends, vips, decisions, vrrp: self.vrrp.clone() })
+    }
+
+    /// VRRP: this node became master of `vips` (`active`) or stopped being it. Published at
+    /// once: the data path must balance before the addresses are announced.
+    pub fn set_vips_active(&mut self, vips: &[String], active: bool) -> Result<ApplyReport, ControlError> {
+        let before = self.standby.clone();
+        for v in vips {
+            if active {
+                self.standby.remove(v);
+            } else {
+                self.standby.insert(v.clone());
+            }
+        }
+        if before == self.standby || !self.refreshed {
+            return Ok(ApplyReport::default());
+        }
+        self.publish()
+    }
+
+    /// Whether a VIP is on standby (another node is the VRRP master).
+    pub fn is_standby(&self, vip: &str) -> bool {
+        self.standby.contains(vip)
+    }
+
+    /// VRRP's report for `mxlb status` and metrics.
+    pub fn set_vrrp_status(&mut self, status: Vec<crate::vrrp::InstanceStatus>) {
+        self.vrrp = status;
+    }
+
+    /// Back-ends of VIP `vip` that can take sessions per the probes (for VRRP tracking).
+    pub fn healthy_backends(&self, vip: &str) -> usize {
+        let Some(v) = self.desired.config.vip(vip) else { return 0 };
+        v.backends
+            .iter()
+            .filter(|b| self.probed_health(b) == Health::Up && !self.unaddressable.contains(*b))
+            .count()
     }
 
     /// The prober's current verdict on a back-end (absent = up).
@@ -261,7 +307,7 @@ impl Controller {
         for name in &self.unaddressable {
             health.insert(name.clone(), Health::Down);
         }
-        let p = plan(&self.desired, &health, &self.load, &self.macs, self.encap);
+        let p = plan(&self.desired, &health, &self.load, &self.macs, self.encap, &self.standby);
         let Some(maps) = self.maps.as_mut() else { return Ok(ApplyReport::default()) };
         let report = maps.apply(&p)?;
         if self.last_plan.as_ref() != Some(&p) {

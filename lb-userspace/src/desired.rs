@@ -267,6 +267,8 @@ pub struct PlannedVip {
     pub shed: bool,
     /// Share of the admin weight of its back-ends that can take sessions now, in percent.
     pub capacity: u8,
+    /// Another node is (or may be) the VRRP master: the data path passes its packets.
+    pub standby: bool,
 }
 
 /// Turns intent and health into the data path's state (architecture principle 1: the CLI,
@@ -276,12 +278,14 @@ pub struct PlannedVip {
 ///   (by the operator or for overload) or down → weight 0 and state DRAINING / DOWN;
 /// - back-ends that no VIP uses are left out of the data path;
 /// - `macs` gives each back-end's resolved MAC (config `mac` wins).
+/// - `standby` names the VIPs whose VRRP instance is not master on this node.
 pub fn plan(
     desired: &Desired,
     health: &BTreeMap<String, Health>,
     load: &BTreeMap<String, Load>,
     macs: &BTreeMap<IpAddr, [u8; 6]>,
     encap: LbConfig,
+    standby: &BTreeSet<String>,
 ) -> Plan {
     let c = &desired.config;
     let used = c.used_backends();
@@ -330,6 +334,7 @@ pub fn plan(
                 members: v.backends.clone(),
                 shed: v.shed && v.mode != ForwardingMode::Local,
                 capacity: if full == 0 { 0 } else { (100 * now / full) as u8 },
+                standby: standby.contains(&v.name),
             }
         })
         .collect();
@@ -391,7 +396,7 @@ mod tests {
         let health = BTreeMap::from([("mail3".to_string(), Health::Down)]);
         let macs = BTreeMap::from([("198.18.0.11".parse().unwrap(), [2, 0, 0, 0, 0, 0x11])]);
         let load = BTreeMap::from([("mail1".to_string(), Load { share: 0.75, overloaded: None })]);
-        let p = plan(&d, &health, &load, &macs, LbConfig::default());
+        let p = plan(&d, &health, &load, &macs, LbConfig::default(), &BTreeSet::new());
         let get = |n: &str| p.backends.iter().find(|b| b.name == n).unwrap().clone();
         assert_eq!((get("mail1").state, get("mail1").weight, get("mail1").mac), (state::UP, 75, [2, 0, 0, 0, 0, 0x11]));
         assert_eq!((get("mail2").state, get("mail2").weight), (state::DRAINING, 0));
@@ -402,7 +407,7 @@ mod tests {
             ("mail1".to_string(), Load { share: 0.001, overloaded: None }),
             ("mail2".to_string(), Load { share: 1.0, overloaded: Some("queue 6000 >= 5000".into()) }),
         ]);
-        let p = plan(&d, &BTreeMap::new(), &load, &macs, LbConfig::default());
+        let p = plan(&d, &BTreeMap::new(), &load, &macs, LbConfig::default(), &BTreeSet::new());
         let get = |n: &str| p.backends.iter().find(|b| b.name == n).unwrap().clone();
         assert_eq!((get("mail1").state, get("mail1").weight), (state::UP, 1));
         assert_eq!((get("mail2").state, get("mail2").weight), (state::DRAINING, 0));
@@ -417,12 +422,12 @@ mod tests {
             min_capacity: 50,
         }];
         let mut d = Desired::new(c);
-        let capacity = |d: &Desired| plan(d, &BTreeMap::new(), &BTreeMap::new(), &BTreeMap::new(), LbConfig::default()).vips[0].capacity;
+        let capacity = |d: &Desired| plan(d, &BTreeMap::new(), &BTreeMap::new(), &BTreeMap::new(), LbConfig::default(), &BTreeSet::new()).vips[0].capacity;
         assert_eq!(capacity(&d), 100);
         // Admin weights 100/200/300: draining the 300 leaves half.
         d.apply(&Change::Drain { name: "mail3".into() }).unwrap();
         assert_eq!(capacity(&d), 50);
-        let p = plan(&d, &BTreeMap::new(), &BTreeMap::new(), &BTreeMap::new(), LbConfig::default());
+        let p = plan(&d, &BTreeMap::new(), &BTreeMap::new(), &BTreeMap::new(), LbConfig::default(), &BTreeSet::new());
         assert_eq!(p.groups.len(), 2);
         assert!(p.groups.iter().all(|(_, min)| *min == 50));
         assert_eq!(p.groups[0].0.prefix_len, 96, "0.0.0.0/0 is ::ffff:0:0/96");

@@ -496,6 +496,26 @@ async fn status(config: Config, json: bool) -> Result<()> {
             note
         );
     }
+    if !st.vrrp.is_empty() {
+        println!();
+        println!("{:<12} {:>4} {:<8} {:<7} {:>8} {:<26} {}", "VRRP", "VRID", "IFACE", "STATE", "PRIORITY", "MASTER", "NOTE");
+        for r in &st.vrrp {
+            let mut note = r.failing_tracks.join("; ");
+            if let Some(g) = &r.sync_group {
+                note = if note.is_empty() { format!("group {g}") } else { format!("group {g}; {note}") };
+            }
+            println!(
+                "{:<12} {:>4} {:<8} {:<7} {:>8} {:<26} {}",
+                r.name,
+                r.vrid,
+                r.interface,
+                r.state.name(),
+                format!("{}/{}", r.priority, r.configured_priority),
+                r.master.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+                note
+            );
+        }
+    }
     println!();
     println!("{:<22} {:>14}", "DECISION", "PACKETS");
     for (reason, n) in &st.decisions {
@@ -676,6 +696,7 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
         }
     }
     let maps = DataplaneMaps::open_pinned(&node.bpffs_dir)?;
+    let vrrp_config = config.clone();
     let mut controller = Controller::open(config, Some(maps))?;
     let report = controller.refresh().await.context("applying the configuration to the maps")?;
     info!(?report, "configuration applied");
@@ -723,6 +744,9 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
             .collect()
     };
     let shed = tokio::spawn(mxlb::shed::serve(shed_listeners, wait_stop(stop_rx.clone())));
+    // VRRP: the VIPs of `[[vrrp]]` instances stay on standby until this node is master.
+    let vrrp = mxlb::vrrp::runner::setup(&vrrp_config, controller.clone()).await.context("setting up VRRP")?;
+    let vrrp = tokio::spawn(vrrp.run(stop_rx.clone()));
     let metrics = Arc::new(mxlb::metrics::Metrics::new());
     let prober = tokio::spawn(mxlb::prober::run(controller.clone(), health_settings, metrics.clone(), stop_rx.clone()));
     let metrics_server = node.metrics_listen.map(|addr| {
@@ -732,6 +756,11 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     shutdown_signal().await?;
     info!("stopping");
     let _ = stop_tx.send(true);
+    // VRRP first: the priority-0 goodbye and the VIPs' release happen while the data path
+    // still runs, so the backup takes over within Skew_Time.
+    if let Err(e) = vrrp.await {
+        warn!(error = %e, "vrrp task");
+    }
     let _ = refresher.await;
     let _ = prober.await;
     let _ = shed.await;

@@ -230,8 +230,12 @@ impl DataplaneMaps {
             let mode = vip.mode.to_map();
             // Port 0 marks the address itself (fragments to it are dropped); stats id 0 is
             // reserved for these markers.
+            // A standby VIP (another node is VRRP master) has no marker: nothing about the
+            // address is decided here.
             let marker = VipKey { addr, port: 0, proto: TCP, _pad: 0 };
-            wanted.insert(marker, VipMeta { id: 0, ring, mode, flags: 0, capacity: 100, _pad: 0 });
+            if !vip.standby {
+                wanted.insert(marker, VipMeta { id: 0, ring, mode, flags: 0, capacity: 100, _pad: 0 });
+            }
             for port in &vip.ports {
                 let key = VipKey { addr, port: port_to_key(*port), proto: TCP, _pad: 0 };
                 let id = match existing.get(&key) {
@@ -242,7 +246,10 @@ impl DataplaneMaps {
                         id
                     }
                 };
-                let flags = if vip.shed { lb_common::vip_flags::SHED } else { 0 };
+                let mut flags = if vip.shed { lb_common::vip_flags::SHED } else { 0 };
+                if vip.standby {
+                    flags |= lb_common::vip_flags::STANDBY;
+                }
                 wanted.insert(key, VipMeta { id, ring, mode, flags, capacity: vip.capacity, _pad: 0 });
             }
         }

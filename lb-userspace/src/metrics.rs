@@ -65,6 +65,9 @@ pub struct Status {
     pub vips: Vec<report::VipRow>,
     /// Data-path decisions (packets) by reason: forwarded, dropped, passed, shed.
     pub decisions: Vec<(String, u64)>,
+    /// VRRP instances: state, priority, master, counters.
+    #[serde(default)]
+    pub vrrp: Vec<crate::vrrp::InstanceStatus>,
 }
 
 /// The agent's metrics: the probe histograms, and a collector reading the rest on scrape.
@@ -183,6 +186,43 @@ impl Collector for StatusCollector {
         )?;
         for (reason, n) in &s.decisions {
             ConstCounter::new(*n).encode(me.encode_family(&[("reason", reason.as_str())])?)?;
+        }
+        drop(me);
+        let mut me = encoder.encode_descriptor("vrrp_state", "1 for the VRRP instance's state", None, MetricType::Gauge)?;
+        for r in &s.vrrp {
+            for st in ["MASTER", "BACKUP", "FAULT", "STOP"] {
+                ConstGauge::new((r.state.name() == st) as i64).encode(me.encode_family(&[("instance", r.name.as_str()), ("state", st)])?)?;
+            }
+        }
+        drop(me);
+        type VrrpPick = fn(&crate::vrrp::InstanceStatus) -> u64;
+        let vrrp_gauges: [(&str, &str, VrrpPick); 2] = [
+            ("vrrp_priority", "Effective VRRP priority (configured, adjusted by tracking)", |r| r.priority as u64),
+            ("vrrp_configured_priority", "Configured VRRP priority", |r| r.configured_priority as u64),
+        ];
+        for (name, help, pick) in vrrp_gauges {
+            let mut me = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for r in &s.vrrp {
+                ConstGauge::new(pick(r) as i64).encode(me.encode_family(&[("instance", r.name.as_str())])?)?;
+            }
+        }
+        let vrrp_counters: [(&str, &str, VrrpPick); 4] = [
+            ("vrrp_transitions", "VRRP state changes", |r| r.transitions),
+            ("vrrp_became_master", "Times the instance became master", |r| r.became_master),
+            ("vrrp_adverts_sent", "VRRP advertisements sent", |r| r.adverts_sent),
+            ("vrrp_adverts_received", "Valid VRRP advertisements received for this VRID", |r| r.adverts_received),
+        ];
+        for (name, help, pick) in vrrp_counters {
+            let mut me = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for r in &s.vrrp {
+                ConstCounter::new(pick(r)).encode(me.encode_family(&[("instance", r.name.as_str())])?)?;
+            }
+        }
+        let mut me = encoder.encode_descriptor("vrrp_dropped", "Received VRRP packets dropped, by reason", None, MetricType::Counter)?;
+        for r in &s.vrrp {
+            for (reason, n) in &r.dropped {
+                ConstCounter::new(*n).encode(me.encode_family(&[("instance", r.name.as_str()), ("reason", reason.as_str())])?)?;
+            }
         }
         Ok(())
     }

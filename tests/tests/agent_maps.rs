@@ -84,7 +84,7 @@ fn applied_plan_is_what_the_data_path_reads_and_survives_restart() {
     let encap = LbConfig { src_v4: [198, 18, 0, 2], src_v6: [0; 16] };
 
     // First apply: every back-end, VIP port and ring written.
-    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap)).unwrap();
+    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &Default::default())).unwrap();
     assert_eq!(r.rings_switched, 2, "one table per VIP: {r:?}");
     let snap = maps.snapshot().unwrap();
     assert_eq!(snap.backends.len(), 3);
@@ -101,12 +101,12 @@ fn applied_plan_is_what_the_data_path_reads_and_survives_restart() {
     assert_eq!(maps.read_ring(ring).unwrap(), expected_table(&desired, &snap, "mx"));
 
     // Idempotent: nothing is rewritten or switched.
-    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap)).unwrap();
+    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &Default::default())).unwrap();
     assert_eq!((r.ring_slots_written, r.rings_switched), (0, 0), "{r:?}");
 
     // A weight change is written to the idle ring, then the VIP switches to it.
     desired.apply(&Change::Weight { name: "mail1".into(), weight: 600 }).unwrap();
-    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap)).unwrap();
+    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &Default::default())).unwrap();
     assert_eq!(r.rings_switched, 2);
     let snap = maps.snapshot().unwrap();
     let new_ring = vip_ring(&snap, "198.18.0.100", 25);
@@ -116,7 +116,7 @@ fn applied_plan_is_what_the_data_path_reads_and_survives_restart() {
     // Drain: state DRAINING and no slots; down (health): state DOWN.
     desired.apply(&Change::Drain { name: "mail2".into() }).unwrap();
     let down = BTreeMap::from([("mail3".to_string(), Health::Down)]);
-    maps.apply(&plan(&desired, &down, &BTreeMap::new(), &macs(), encap)).unwrap();
+    maps.apply(&plan(&desired, &down, &BTreeMap::new(), &macs(), encap, &Default::default())).unwrap();
     let snap = maps.snapshot().unwrap();
     let by_addr = |a: &str| *snap.backends.iter().find(|(_, b)| b.addr == addr_to_key(a.parse().unwrap())).unwrap().0;
     let (id1, id2, id3) = (by_addr("198.18.0.11"), by_addr("198.18.0.12"), by_addr("198.18.0.13"));
@@ -130,15 +130,32 @@ fn applied_plan_is_what_the_data_path_reads_and_survives_restart() {
     ct.insert(flow(40001), FlowState { backend: id3, vip: 1 }, 0).unwrap();
     ct.insert(flow(40002), FlowState { backend: id1, vip: 1 }, 0).unwrap();
     desired.apply(&Change::BackendRemove { name: "mail3".into() }).unwrap();
-    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap)).unwrap();
+    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &Default::default())).unwrap();
     assert_eq!((r.backends_removed, r.flows_flushed), (1, 1), "{r:?}");
     assert!(ct.get(&flow(40001), 0).is_err(), "flow of the removed back-end is gone");
     assert_eq!(ct.get(&flow(40002), 0).unwrap().backend, id1);
     assert!(!maps.snapshot().unwrap().backends.contains_key(&id3));
 
+    // A VIP on VRRP standby keeps its ports' entries (ids, rings) with the STANDBY flag and
+    // loses its address marker; back to active, both return.
+    let standby: std::collections::BTreeSet<String> = ["mx".to_string()].into();
+    maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &standby)).unwrap();
+    let snap = maps.snapshot().unwrap();
+    let mx = |snap: &mxlb::maps::Snapshot| -> Vec<(u16, u8)> {
+        let addr = addr_to_key("198.18.0.100".parse().unwrap());
+        snap.vips.iter().filter(|(k, _)| k.addr == addr).map(|(k, m)| (u16::from_be(k.port), m.flags & lb_common::vip_flags::STANDBY)).collect()
+    };
+    let mut got = mx(&snap);
+    got.sort();
+    assert_eq!(got, [(25, lb_common::vip_flags::STANDBY), (587, lb_common::vip_flags::STANDBY)], "ports on standby, no marker");
+    maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &Default::default())).unwrap();
+    let mut got = mx(&maps.snapshot().unwrap());
+    got.sort();
+    assert_eq!(got, [(0, 0), (25, 0), (587, 0)], "active again, marker back");
+
     // Removing a VIP removes its entries.
     desired.apply(&Change::VipRemove { name: "mx6".into() }).unwrap();
-    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap)).unwrap();
+    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &Default::default())).unwrap();
     assert_eq!(r.vip_entries_removed, 3);
 
     // Restart: a new load reuses the pinned maps (conntrack and VIPs are still there).

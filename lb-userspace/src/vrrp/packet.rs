@@ -60,6 +60,22 @@ pub enum DropReason {
     Family,
 }
 
+impl DropReason {
+    /// Stable snake_case name (status, metrics).
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Short => "short",
+            DropReason::Ttl => "ttl",
+            DropReason::Version => "version",
+            DropReason::Type => "type",
+            DropReason::Length => "length",
+            DropReason::Checksum => "checksum",
+            DropReason::Protocol => "protocol",
+            DropReason::Family => "family",
+        }
+    }
+}
+
 fn fold(mut sum: u32) -> u16 {
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);

@@ -220,13 +220,13 @@ fn measure() -> Result<Results> {
     // knows what its rings hold and writes only the slots that change).
     let mut maps = DataplaneMaps::open_pinned(&bpffs)?;
     let t = std::time::Instant::now();
-    maps.apply(&plan(&desired, &BTreeMap::new(), &BTreeMap::new(), &macs, encap))?;
+    maps.apply(&plan(&desired, &BTreeMap::new(), &BTreeMap::new(), &macs, encap, &Default::default()))?;
     apply_ms.insert("apply_cold_ms", t.elapsed().as_secs_f64() * 1e3);
     let mut warm = Vec::new();
     for (i, w) in [150u32, 100, 250, 100, 200].iter().enumerate() {
         desired.apply(&mxlb::desired::Change::Weight { name: format!("b{}", i % 3 + 1), weight: *w })?;
         let t = std::time::Instant::now();
-        maps.apply(&plan(&desired, &BTreeMap::new(), &BTreeMap::new(), &macs, encap))?;
+        maps.apply(&plan(&desired, &BTreeMap::new(), &BTreeMap::new(), &macs, encap, &Default::default()))?;
         warm.push(t.elapsed().as_secs_f64() * 1e3);
     }
     apply_ms.insert("apply_weight_change_ms", median(warm));
