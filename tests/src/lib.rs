@@ -22,11 +22,14 @@ pub use lab::smtp::{
     SinkCounts, SinkOpts, SmtpSink, SourceOpts, SourceResult, postfix_endpoint, smtp_source,
 };
 pub use lab::topology::{
-    AddrFamily, CLIENT_MTU, HOST_DEV, Host, Lab, LabBuilder, MAX_BACKENDS, PATH_MTU, PeerPort,
-    Role, VIP4, VIP6,
+    AddrFamily, CLIENT_MTU, HOST_DEV, Host, Lab, LabBuilder, MAX_BACKENDS, MAX_LBS, PATH_MTU,
+    PeerPort, Role, VIP4, VIP6,
 };
+pub mod capture;
 pub mod frames;
+pub mod keepalived;
 pub mod node;
 pub mod sessions;
 pub mod dovecot;
 pub mod flood;
+pub mod vrrp;

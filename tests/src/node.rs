@@ -2,6 +2,26 @@
 //! needs (XDP_PASS on the LB's bridge port, `mxlb decap` on dsr-ipip back-ends), runs
 //! `mxlb run` in the LB namespace and drives the CLI there, exactly as an operator would.
 //! Shared by the end-to-end tests, `cargo xtask run` and the benchmarks.
+//!
+//! A lab with several LBs ([`LabBuilder::lbs`](crate::LabBuilder::lbs)) can run one node per
+//! LB ([`NodeOpts::lb`] or [`MxlbNode::start_on`]). Everything of a node is its own: config
+//! dir `/tmp/{prefix}-mxlb` for LB 1 and `/tmp/{prefix}-mxlb{k}` for LB k ≥ 2 (state dir and
+//! control socket inside), bpffs dir `/sys/fs/bpf/{prefix}-mxlb[k]`, the PASS program on that
+//! LB's bridge port, `[node] interfaces` and the encapsulation sources from that LB. The decap
+//! helper on the back-ends is per back-end, not per LB: the lab counts the dsr-ipip nodes that
+//! need it, the first one started attaches it and the last one dropped detaches it, in whatever
+//! order they start and stop.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use lab::node::{MxlbNode, NodeOpts};
+//! let lab = lab::Lab::builder().lbs(2).vip_by_arp().build()?;
+//! let vrrp = "[vrrp]\n...".to_string(); // the VRRP settings, per node
+//! let n1 = MxlbNode::start_on(&lab, 1, NodeOpts { extra: Some(vrrp.clone()), ..Default::default() })?;
+//! let n2 = MxlbNode::start_on(&lab, 2, NodeOpts { extra: Some(vrrp), ..Default::default() })?;
+//! assert_eq!(n2.lb().v4().to_string(), "198.18.0.3");
+//! # Ok(()) }
+//! ```
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -11,7 +31,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{AddrFamily, Daemon, Lab, run_checked};
+use crate::{AddrFamily, Daemon, Host, Lab, run_checked};
 
 /// Path of the `mxlb` binary next to the running test or tool (target/<profile>/mxlb).
 ///
@@ -85,18 +105,21 @@ pub struct NodeOpts {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The VIPs' `check` (default: by port).
     pub check: Option<String>,
-    /// TOML appended to the config (e.g. `[[client_group]]` tables).
+    /// TOML appended to the config (e.g. `[[client_group]]` tables, VRRP settings).
     pub extra: Option<String>,
+    /// Which LB node (1-based) runs this agent; default 1.
+    pub lb: usize,
 }
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None, agent_port: None, metrics_listen: None, check: None, extra: None }
+        NodeOpts { mode: Mode::DsrL2, weights: vec![], ports: vec![25], xdp_mode: "native".into(), health: None, agent_port: None, metrics_listen: None, check: None, extra: None, lb: 1 }
     }
 }
 
-/// An `mxlb run` on the lab's LB node. Dropped before the lab (declare it after the lab): it
-/// stops the agent, detaches the helpers and removes its pinned maps and state.
+/// An `mxlb run` on one of the lab's LB nodes ([`NodeOpts::lb`], default LB 1). Dropped before
+/// the lab (declare it after the lab): it stops the agent, detaches the helpers and removes its
+/// pinned maps and state.
 pub struct MxlbNode<'a> {
     lab: &'a Lab,
     bin: PathBuf,
@@ -106,6 +129,9 @@ pub struct MxlbNode<'a> {
     pub config_path: PathBuf,
     pub bpffs_dir: PathBuf,
     daemon: Option<Daemon>,
+    /// The LB (1-based) this node runs on, fixed at start (`opts.lb` may be changed later).
+    k: usize,
+    /// Counted as a user of the back-ends' decap helper (see the module docs).
     decap_attached: bool,
     pass_attached: bool,
 }
@@ -114,10 +140,19 @@ impl<'a> MxlbNode<'a> {
     /// Writes the config, attaches the helpers and starts the agent; returns once the agent
     /// answers on its control socket.
     pub fn start(lab: &'a Lab, opts: NodeOpts) -> Result<MxlbNode<'a>> {
+        let k = opts.lb;
+        anyhow::ensure!(
+            k >= 1 && k <= lab.lbs().len(),
+            "NodeOpts.lb = {k}, but the lab has {} LB node(s)",
+            lab.lbs().len()
+        );
         let bin = mxlb_bin()?;
-        let dir = std::env::temp_dir().join(format!("{}-mxlb", lab.prefix()));
+        // LB 1 keeps the names it had before there were several LBs. bpffs names may not
+        // contain '.', so the LB number, not its address, tells nodes apart.
+        let name = if k == 1 { format!("{}-mxlb", lab.prefix()) } else { format!("{}-mxlb{k}", lab.prefix()) };
+        let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir)?;
-        let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{}-mxlb", lab.prefix()));
+        let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let mut node = MxlbNode {
             lab,
             bin,
@@ -126,22 +161,43 @@ impl<'a> MxlbNode<'a> {
             dir,
             bpffs_dir,
             daemon: None,
+            k,
             decap_attached: false,
             pass_attached: false,
         };
         std::fs::write(&node.config_path, node.config_text())?;
         // Native XDP_TX on a veth delivers only when the peer runs a native XDP program.
-        let peer = lab.lb_peer_port()?;
+        let peer = lab.lb_peer_port_of(k)?;
         node.helper_in(&peer.ns, &["pass", "attach", &peer.name, "--mode", "native"])?;
         node.pass_attached = true;
         if node.opts.mode == Mode::DsrIpip {
-            for b in lab.backends() {
-                node.helper_in(b.ns(), &["decap", "attach", b.dev(), "--mode", "native"])?;
-            }
+            // Counted first, so a failure half-way still releases (and detaches) on drop.
             node.decap_attached = true;
+            if lab.decap_acquire() {
+                for b in lab.backends() {
+                    node.helper_in(b.ns(), &["decap", "attach", b.dev(), "--mode", "native"])?;
+                }
+            }
         }
         node.launch()?;
         Ok(node)
+    }
+
+    /// [`MxlbNode::start`] on LB `k` (1-based): `opts.lb` is set to `k`.
+    pub fn start_on(lab: &'a Lab, k: usize, mut opts: NodeOpts) -> Result<MxlbNode<'a>> {
+        opts.lb = k;
+        MxlbNode::start(lab, opts)
+    }
+
+    /// The LB host this node runs on.
+    pub fn lb(&self) -> &'a Host {
+        self.lab.lb_n(self.k)
+    }
+
+    /// Process id of the running `mxlb run` (None when stopped or killed). It runs in its own
+    /// process group, so this is also the group id.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Daemon::pid)
     }
 
     /// The config this node runs with: VIP `mx` (IPv4) over back-ends `b1..bN` at their IPv4
@@ -155,13 +211,13 @@ impl<'a> MxlbNode<'a> {
         let mut s = format!(
             "[node]\ninterfaces = [\"{dev}\"]\nxdp_mode = \"{xdp}\"\nbpffs_dir = \"{bpffs}\"\nstate_dir = \"{state}\"\n\
              control_socket = \"{sock}\"\nconntrack_size = 65536\nencap_source_v4 = \"{src4}\"\nencap_source_v6 = \"{src6}\"\n\n",
-            dev = lab.lb().dev(),
+            dev = self.lb().dev(),
             xdp = self.opts.xdp_mode,
             bpffs = self.bpffs_dir.display(),
             state = self.dir.join("state").display(),
             sock = self.socket().display(),
-            src4 = lab.lb().v4(),
-            src6 = lab.lb().v6(),
+            src4 = self.lb().v4(),
+            src6 = self.lb().v6(),
         );
         if let Some(m) = self.opts.metrics_listen {
             s += &format!("metrics_listen = \"{m}\"\n\n");
@@ -228,9 +284,9 @@ impl<'a> MxlbNode<'a> {
 
     /// Starts `mxlb run` with extra arguments (e.g. `--keep-attached`).
     pub fn launch_with(&mut self, extra: &[&str]) -> Result<()> {
-        let mut cmd = self.mxlb_in(self.lab.lb().ns());
+        let mut cmd = self.mxlb_in(self.lb().ns());
         cmd.arg("--config").arg(&self.config_path).arg("run").args(extra);
-        let mut daemon = Daemon::spawn("mxlb run", cmd, None)?;
+        let mut daemon = Daemon::spawn(&format!("mxlb run on {}", self.lb().name()), cmd, None)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(st) = daemon.exited() {
@@ -248,16 +304,16 @@ impl<'a> MxlbNode<'a> {
         Ok(())
     }
 
-    /// Runs `mxlb --config CFG args...` in the LB namespace; fails unless it exits 0.
+    /// Runs `mxlb --config CFG args...` in this node's LB namespace; fails unless it exits 0.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let mut c = self.mxlb_in(self.lab.lb().ns());
+        let mut c = self.mxlb_in(self.lb().ns());
         c.arg("--config").arg(&self.config_path).args(args);
         run_checked(&mut c, Duration::from_secs(30))
     }
 
     /// Runs the CLI and returns (success, stdout, stderr) without failing on a non-zero exit.
     pub fn cli_output(&self, args: &[&str]) -> Result<(bool, String, String)> {
-        let mut c = self.mxlb_in(self.lab.lb().ns());
+        let mut c = self.mxlb_in(self.lb().ns());
         c.arg("--config").arg(&self.config_path).args(args);
         let (out, timed_out) = crate::run_bounded(&mut c, Duration::from_secs(30))?;
         if timed_out {
@@ -299,9 +355,9 @@ impl<'a> MxlbNode<'a> {
         }
     }
 
-    /// Whether an XDP program is attached to the LB's interface.
+    /// Whether an XDP program is attached to this node's LB interface.
     pub fn xdp_attached(&self) -> Result<bool> {
-        let out = self.lab.lb().ns().ip(&["-d", "link", "show", "dev", self.lab.lb().dev()])?;
+        let out = self.lb().ns().ip(&["-d", "link", "show", "dev", self.lb().dev()])?;
         Ok(out.contains("xdp") || out.contains("prog/xdp"))
     }
 
@@ -319,12 +375,13 @@ impl Drop for MxlbNode<'_> {
         if let Some(mut d) = self.daemon.take() {
             d.stop(Duration::from_secs(5));
         }
-        if self.pass_attached {
-            if let Ok(peer) = self.lab.lb_peer_port() {
-                let _ = self.helper_in(&peer.ns, &["pass", "detach", &peer.name]);
-            }
+        if self.pass_attached
+            && let Ok(peer) = self.lab.lb_peer_port_of(self.k)
+        {
+            let _ = self.helper_in(&peer.ns, &["pass", "detach", &peer.name]);
         }
-        if self.decap_attached {
+        // Only the last node that needed the decap helper removes it.
+        if self.decap_attached && self.lab.decap_release() {
             for b in self.lab.backends() {
                 let _ = self.helper_in(b.ns(), &["decap", "detach", b.dev()]);
             }

@@ -333,3 +333,519 @@ fn smtp_source_failures_are_reported() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(lab.sink_counts(), vec![SinkCounts::default()]);
 }
+
+/// Three LB nodes: names, addresses, MACs, ports, sysctls and offloads as documented, each LB
+/// answers the client's ping on both families, and nothing is left after the drop.
+#[test]
+fn three_lbs_are_built_and_reachable() -> anyhow::Result<()> {
+    if !lab::require_root("three_lbs_are_built_and_reachable") {
+        return Ok(());
+    }
+    let lab = Lab::builder().lbs(3).backends(1).no_sinks().build()?;
+    let p = lab.prefix().to_string();
+    let mut names = lab.namespaces().to_vec();
+    names.sort();
+    let mut want: Vec<String> = ["br", "client", "lb", "lb2", "lb3", "b1"]
+        .iter()
+        .map(|s| format!("{p}-{s}"))
+        .collect();
+    want.sort();
+    assert_eq!(names, want);
+    assert_eq!(lab::namespaces_with_prefix(&p), want);
+    assert_eq!(lab.lbs().len(), 3);
+    assert_eq!(lab.lb().ns(), lab.lb_n(1).ns(), "lab.lb() is LB 1");
+    for k in 1..=3 {
+        let lb = lab.lb_n(k);
+        assert_eq!(lb.role(), lab::Role::Lb(k));
+        let name = if k == 1 {
+            "lb".to_string()
+        } else {
+            format!("lb{k}")
+        };
+        assert_eq!(lb.name(), name);
+        assert_eq!(lb.ns().name(), format!("{p}-{name}"));
+        assert_eq!(lb.v4().to_string(), format!("198.18.0.{}", 1 + k));
+        assert_eq!(lb.v6().to_string(), format!("2001:db8::{}", 1 + k));
+        assert_eq!(lb.mac(), [2, 0x6d, 0x78, 0, 0, 1 + k as u8]);
+        assert_eq!(lb.link()?.mac, lb.mac());
+        assert_eq!(lb.link()?.mtu, lab::PATH_MTU);
+        assert_eq!(
+            lab.host_by_mac(lb.mac()).map(|h| h.role()),
+            Some(lab::Role::Lb(k))
+        );
+        let port = lab.lb_peer_port_of(k)?;
+        assert_eq!(port.name, format!("{p}{name}"));
+        assert_eq!(port.name, lb.bridge_port());
+        let off = port.ns.exec(&["ethtool", "-k", &port.name])?;
+        assert!(off.contains("tx-checksumming: off"), "LB {k} port: {off}");
+        assert_eq!(lb.ns().sysctl_get("net.ipv4.conf.eth0.forwarding")?, "1");
+        assert_eq!(lb.ns().sysctl_get("net.ipv6.conf.eth0.forwarding")?, "1");
+        assert_eq!(
+            lb.ns().sysctl_get("net.ipv4.conf.eth0.send_redirects")?,
+            "0"
+        );
+        for fam in AddrFamily::ALL {
+            let rtt = lab.client().ping(lb.addr(fam), Duration::from_secs(2))?;
+            eprintln!("three_lbs: client -> LB {k} {}: {rtt:?}", lb.addr(fam));
+            assert!(
+                rtt.is_some(),
+                "LB {k} {} does not answer ping",
+                lb.addr(fam)
+            );
+        }
+    }
+    assert_eq!(lab.lb_peer_port()?.name, lab.lb_peer_port_of(1)?.name);
+    assert!(lab.lb_peer_port_of(4).is_err());
+    // LBs see each other (VRRP peers).
+    assert!(
+        lab.lb_n(2)
+            .ping(lab.lb_n(3).v4().into(), Duration::from_secs(2))?
+            .is_some()
+    );
+    // Nobody answers an address no host has: ping is bounded and says so.
+    let t = Instant::now();
+    assert_eq!(
+        lab.client()
+            .ping("198.18.0.9".parse()?, Duration::from_millis(300))?,
+        None
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // The default still points the VIPs at LB 1 statically.
+    assert!(!lab.vip_by_arp());
+    for fam in AddrFamily::ALL {
+        assert_eq!(lab.client_neighbour(lab.vip(fam))?, Some(lab.lb().mac()));
+    }
+    // Nothing in the root namespace.
+    let root = lab::run_checked(
+        std::process::Command::new("ip").args(["addr"]),
+        lab::CMD_TIMEOUT,
+    )?;
+    assert!(!root.contains("198.18.") && !root.contains("2001:db8:") && !root.contains(&p));
+
+    drop(lab);
+    assert_eq!(
+        lab::namespaces_with_prefix(&p),
+        Vec::<String>::new(),
+        "namespaces left behind"
+    );
+    Ok(())
+}
+
+/// A lab that leaves the VIP to ARP/ND: no static entry, GARP and unsolicited NA accepted.
+#[test]
+fn vip_by_arp_lab_has_no_static_vip_entry() -> anyhow::Result<()> {
+    if !lab::require_root("vip_by_arp_lab_has_no_static_vip_entry") {
+        return Ok(());
+    }
+    let lab = Lab::builder()
+        .lbs(2)
+        .backends(1)
+        .no_sinks()
+        .vip_by_arp()
+        .build()?;
+    assert!(lab.vip_by_arp());
+    let c = lab.client().ns();
+    for fam in AddrFamily::ALL {
+        assert_eq!(lab.client_neighbour(lab.vip(fam))?, None);
+        // Nobody holds the VIP yet: it does not resolve.
+        assert_eq!(
+            lab.client()
+                .ping(lab.vip(fam), Duration::from_millis(500))?,
+            None
+        );
+        assert_eq!(lab.client_neighbour(lab.vip(fam))?, None);
+    }
+    assert_eq!(c.sysctl_get("net.ipv4.conf.all.arp_accept")?, "1");
+    assert_eq!(c.sysctl_get("net.ipv4.conf.eth0.arp_accept")?, "1");
+    if c.sysctl_get("net.ipv6.conf.all.accept_untracked_na")
+        .is_ok()
+    {
+        assert_eq!(c.sysctl_get("net.ipv6.conf.eth0.accept_untracked_na")?, "1");
+    }
+    // A host that adds the VIP by hand answers for it, and the client learns its MAC.
+    lab.lb_n(2)
+        .ns()
+        .ip(&["addr", "add", "198.18.0.100/32", "dev", "eth0"])?;
+    assert!(
+        lab.client()
+            .ping(lab::VIP4.into(), Duration::from_secs(2))?
+            .is_some()
+    );
+    assert_eq!(
+        lab.client_neighbour(lab::VIP4.into())?,
+        Some(lab.lb_n(2).mac())
+    );
+    Ok(())
+}
+
+/// keepalived failover on the wire (validates the keepalived peer, the capture and GARP
+/// acceptance): LB 1 (priority 150) is master, LB 2 (100) backup, adverts every 100 ms; LB 1's
+/// keepalived is SIGKILLed; LB 2 must send its first advert one Master_Down_Interval (361 ms
+/// at priority 100) after LB 1's last one, and the client's ARP entry for the VIP must move to
+/// LB 2's MAC by its gratuitous ARP.
+#[test]
+fn keepalived_failover_is_timed_on_the_wire() -> anyhow::Result<()> {
+    use lab::capture::WireCapture;
+    use lab::keepalived::{Keepalived, KeepalivedOpts, VrrpState};
+    let test = "keepalived_failover_is_timed_on_the_wire";
+    if !lab::require_root(test) {
+        return Ok(());
+    }
+    const VRID: u8 = 51;
+    let vip: std::net::IpAddr = lab::VIP4.into();
+    let lab = Lab::builder()
+        .lbs(2)
+        .backends(1)
+        .no_sinks()
+        .vip_by_arp()
+        .build()?;
+    let (lb1, lb2) = (lab.lb_n(1), lab.lb_n(2));
+    let cap = WireCapture::segment(&lab)?;
+    let opts = KeepalivedOpts {
+        vrid: VRID,
+        priority: 150,
+        advert_int_ms: 100,
+        vips: vec![vip],
+        ..Default::default()
+    };
+    let mut k1 = Keepalived::start(&lab, 1, &opts)?;
+    k1.wait_master(Duration::from_secs(5))?;
+    let adv1 = cap
+        .wait_for(Duration::from_secs(2), |e| {
+            e.is_advert_from(&lb1.mac().into(), VRID)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no advert from LB 1 on the wire\n{}", cap.dump()))?;
+    let a = adv1.advert().unwrap();
+    assert_eq!(
+        (a.version, a.priority, a.interval_cs, a.src_ip),
+        (3, 150, 10, lb1.v4().into()),
+        "{adv1:?}"
+    );
+    assert_eq!(a.addrs, vec![vip]);
+
+    let k2 = Keepalived::start(
+        &lab,
+        2,
+        &KeepalivedOpts {
+            priority: 100,
+            ..opts.clone()
+        },
+    )?;
+    k2.wait_state(VrrpState::Backup, Duration::from_secs(5))?;
+    assert!(k1.holds_vip(vip)? && !k2.holds_vip(vip)?);
+
+    // The client resolves the VIP to LB 1.
+    assert!(
+        lab.client().ping(vip, Duration::from_secs(2))?.is_some(),
+        "VIP does not answer"
+    );
+    assert_eq!(lab.client_neighbour(vip)?, Some(lb1.mac()));
+    // LB 2 stays backup for a while: no advert from it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !k2.holds_vip(vip)?,
+        "LB 2 took the VIP while LB 1 runs:\n{}",
+        k2.log()
+    );
+
+    let t_kill = k1.kill();
+    assert!(!k1.holds_vip(vip)?, "VIP left on LB 1 after the kill");
+    k2.wait_master(Duration::from_secs(3))?;
+    let kill_at = cap.at(t_kill);
+    let first2 = cap
+        .wait_for(Duration::from_secs(2), |e| {
+            e.is_advert_from(&lb2.mac().into(), VRID)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no advert from LB 2\n{}", cap.dump()))?;
+    let diag = || format!("{}\nLB 1:\n{}\nLB 2:\n{}", cap.dump(), k1.log(), k2.log());
+    assert!(
+        first2.at >= kill_at,
+        "LB 2 advertised before the kill\n{}",
+        diag()
+    );
+    assert_eq!(first2.advert().unwrap().priority, 100);
+    let last1 = cap
+        .last_advert_from(lb1.mac(), VRID, first2.at)
+        .expect("LB 1 advertised");
+    assert!(
+        last1.at <= kill_at + Duration::from_millis(5),
+        "LB 1 advertised {:?} after the kill\n{}",
+        last1.at - kill_at,
+        diag()
+    );
+    let gap = first2.at - last1.at;
+    let garp = cap
+        .wait_for(Duration::from_secs(2), |e| {
+            e.at >= first2.at && e.is_announcement(lb2.mac(), vip)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no gratuitous ARP from LB 2\n{}", diag()))?;
+    // The client's entry follows the GARP (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let moved = loop {
+        let n = lab.client_neighbour(vip)?;
+        if n == Some(lb2.mac()) {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "client still has {n:?} for the VIP\n{}",
+            diag()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!(
+        "{test}: LB 1 last advert -> LB 2 first advert {:.1} ms (expected ~361); kill -> LB 2 first advert {:.1} ms; \
+         LB 2 first advert -> first GARP {:.1} ms; kill -> client entry on LB 2 seen {:.1} ms (polled)",
+        gap.as_secs_f64() * 1e3,
+        (first2.at - kill_at).as_secs_f64() * 1e3,
+        (garp.at - first2.at).as_secs_f64() * 1e3,
+        cap.at(moved).saturating_sub(kill_at).as_secs_f64() * 1e3,
+    );
+    assert!(
+        gap >= Duration::from_millis(300) && gap <= Duration::from_millis(500),
+        "failover gap {gap:?} outside [300, 500] ms\n{}",
+        diag()
+    );
+    // LB 2 answers for the VIP now.
+    assert!(lab.client().ping(vip, Duration::from_secs(2))?.is_some());
+    assert_eq!(lab.client_neighbour(vip)?, Some(lb2.mac()));
+    assert_eq!(cap.overflowed(), 0);
+    assert_eq!(cap.error(), None);
+
+    // Drop: keepalived gone, VIP removed, namespaces gone.
+    let pids = k2.pids();
+    let prefix = lab.prefix().to_string();
+    drop(k2);
+    drop(k1);
+    drop(cap);
+    for pid in [pids.0, pids.1].into_iter().flatten() {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists() || {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                comm.trim() != "keepalived"
+            },
+            "keepalived {pid} still runs"
+        );
+    }
+    assert!(!lab::keepalived::holds_addr(lab.lb_n(2).ns(), "eth0", vip)?);
+    drop(lab);
+    assert_eq!(lab::namespaces_with_prefix(&prefix), Vec::<String>::new());
+    Ok(())
+}
+
+/// The IPv6 side: keepalived with the IPv6 VIP; a new master's unsolicited NA is on the wire
+/// and moves the client's neighbour entry.
+#[test]
+fn keepalived_ipv6_failover_moves_the_client_by_na() -> anyhow::Result<()> {
+    use lab::capture::WireCapture;
+    use lab::keepalived::{Keepalived, KeepalivedOpts, VrrpState};
+    let test = "keepalived_ipv6_failover_moves_the_client_by_na";
+    if !lab::require_root(test) {
+        return Ok(());
+    }
+    const VRID: u8 = 52;
+    let vip: std::net::IpAddr = lab::VIP6.into();
+    let lab = Lab::builder()
+        .lbs(2)
+        .backends(1)
+        .no_sinks()
+        .vip_by_arp()
+        .build()?;
+    let (lb1, lb2) = (lab.lb_n(1), lab.lb_n(2));
+    let cap = WireCapture::segment(&lab)?;
+    let opts = KeepalivedOpts {
+        vrid: VRID,
+        priority: 150,
+        advert_int_ms: 100,
+        vips: vec![vip],
+        ..Default::default()
+    };
+    let mut k1 = Keepalived::start(&lab, 1, &opts)?;
+    k1.wait_master(Duration::from_secs(5))?;
+    let k2 = Keepalived::start(
+        &lab,
+        2,
+        &KeepalivedOpts {
+            priority: 100,
+            ..opts.clone()
+        },
+    )?;
+    k2.wait_state(VrrpState::Backup, Duration::from_secs(5))?;
+    let adv = cap
+        .wait_for(Duration::from_secs(2), |e| {
+            e.is_advert_from(&lb1.mac().into(), VRID)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no IPv6 advert from LB 1\n{}", cap.dump()))?;
+    let a = adv.advert().unwrap();
+    assert!(
+        matches!(a.src_ip, std::net::IpAddr::V6(s) if s.segments()[0] == 0xfe80),
+        "{a:?}"
+    );
+    assert_eq!(a.dst_ip.to_string(), "ff02::12");
+    assert_eq!(a.addrs, vec![vip]);
+    assert!(
+        lab.client().ping(vip, Duration::from_secs(2))?.is_some(),
+        "VIP6 does not answer"
+    );
+    assert_eq!(lab.client_neighbour(vip)?, Some(lb1.mac()));
+    // Let LB 2 hear LB 1 for a while, so its Master_Down timer runs from LB 1's adverts.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !k2.holds_vip(vip)?,
+        "LB 2 took the VIP while LB 1 runs:\n{}",
+        k2.log()
+    );
+
+    let t_kill = k1.kill();
+    k2.wait_master(Duration::from_secs(3))?;
+    let kill_at = cap.at(t_kill);
+    let na = cap
+        .wait_for(Duration::from_secs(2), |e| {
+            e.at >= kill_at && e.is_announcement(lb2.mac(), vip)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no unsolicited NA from LB 2\n{}", cap.dump()))?;
+    let first2 = cap
+        .first_advert_from(lb2.mac(), VRID, kill_at)
+        .expect("LB 2 advertised");
+    let last1 = cap
+        .last_advert_from(lb1.mac(), VRID, first2.at)
+        .expect("LB 1 advertised");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while lab.client_neighbour(vip)? != Some(lb2.mac()) {
+        assert!(
+            Instant::now() < deadline,
+            "client still has {:?} for {vip}\n{}",
+            lab.client_neighbour(vip)?,
+            cap.dump()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!(
+        "{test}: LB 1 last advert -> LB 2 first advert {:.1} ms; -> first NA {:.1} ms ({:?})",
+        (first2.at - last1.at).as_secs_f64() * 1e3,
+        (na.at - first2.at).as_secs_f64() * 1e3,
+        na.kind
+    );
+    let gap = first2.at - last1.at;
+    assert!(
+        gap >= Duration::from_millis(300) && gap <= Duration::from_millis(500),
+        "failover gap {gap:?} outside [300, 500] ms\n{}",
+        cap.dump()
+    );
+    assert!(lab.client().ping(vip, Duration::from_secs(2))?.is_some());
+    Ok(())
+}
+
+/// Two `mxlb run` nodes in one lab (dsr-ipip): each has its own dirs, PASS program and XDP on
+/// its own LB; the back-ends' decap helper is attached once and stays until the last node that
+/// needs it is dropped, whichever goes first.
+#[test]
+fn two_mxlb_nodes_share_the_decap_helper() -> anyhow::Result<()> {
+    use lab::node::{Mode, MxlbNode, NodeOpts};
+    let test = "two_mxlb_nodes_share_the_decap_helper";
+    if !lab::require_root(test) {
+        return Ok(());
+    }
+    let lab = Lab::builder().lbs(2).backends(2).build()?;
+    let opts = NodeOpts {
+        mode: Mode::DsrIpip,
+        ..Default::default()
+    };
+    let n1 = MxlbNode::start(&lab, opts.clone())?;
+    let n2 = MxlbNode::start_on(&lab, 2, opts)?;
+    let p = lab.prefix();
+    assert_eq!(n1.lb().ns(), lab.lb().ns());
+    assert_eq!(n2.lb().ns(), lab.lb_n(2).ns());
+    assert_eq!(
+        n1.bpffs_dir,
+        std::path::PathBuf::from(format!("/sys/fs/bpf/{p}-mxlb"))
+    );
+    assert_eq!(
+        n2.bpffs_dir,
+        std::path::PathBuf::from(format!("/sys/fs/bpf/{p}-mxlb2"))
+    );
+    assert_eq!(n1.dir(), std::env::temp_dir().join(format!("{p}-mxlb")));
+    assert_eq!(n2.dir(), std::env::temp_dir().join(format!("{p}-mxlb2")));
+    let cfg2 = std::fs::read_to_string(&n2.config_path)?;
+    assert!(
+        cfg2.contains("encap_source_v4 = \"198.18.0.3\"")
+            && cfg2.contains("encap_source_v6 = \"2001:db8::3\""),
+        "{cfg2}"
+    );
+    assert!(n1.xdp_attached()? && n2.xdp_attached()?);
+    assert!(n1.pid().is_some() && n2.pid().is_some() && n1.pid() != n2.pid());
+    let xdp_on = |ns: &lab::Netns, dev: &str| -> anyhow::Result<bool> {
+        Ok(ns.ip(&["-d", "link", "show", "dev", dev])?.contains("xdp"))
+    };
+    for k in 1..=2 {
+        let port = lab.lb_peer_port_of(k)?;
+        assert!(
+            xdp_on(&port.ns, &port.name)?,
+            "no PASS program on LB {k}'s port"
+        );
+    }
+    let decap_everywhere = || -> anyhow::Result<bool> {
+        for b in lab.backends() {
+            if !xdp_on(b.ns(), b.dev())? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    assert!(decap_everywhere()?);
+    // Node 2's CLI talks to node 2.
+    assert_eq!(
+        n2.backends_json()?.as_array().map(Vec::len),
+        Some(4),
+        "b1, b2, b1v6, b2v6"
+    );
+
+    let send = |what: &str| -> anyhow::Result<()> {
+        for fam in AddrFamily::ALL {
+            let r = lab.smtp_source(
+                lab.vip_addr(fam, 25),
+                &SourceOpts {
+                    sessions: 20,
+                    concurrency: 4,
+                    ..Default::default()
+                },
+            )?;
+            assert!(r.ok(), "{what} {fam}: {r:#?}");
+        }
+        Ok(())
+    };
+    send("through LB 1")?;
+    // Node 1 goes first: its PASS program goes, the decap helper stays for node 2.
+    drop(n1);
+    assert!(!xdp_on(
+        &lab.lb_peer_port_of(1)?.ns,
+        &lab.lb_peer_port_of(1)?.name
+    )?);
+    assert!(
+        decap_everywhere()?,
+        "dropping node 1 detached node 2's decap helper"
+    );
+    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/{p}-mxlb")).exists());
+    // The client now sends the VIPs to LB 2 (a stand-in for VRRP): dsr-ipip still works.
+    let mac2 = lab::mac_to_string(&lab.lb_n(2).mac());
+    for fam in AddrFamily::ALL {
+        lab.client().ns().ip(&[
+            "neigh",
+            "replace",
+            &lab.vip(fam).to_string(),
+            "lladdr",
+            &mac2,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    send("through LB 2")?;
+    drop(n2);
+    for b in lab.backends() {
+        assert!(!xdp_on(b.ns(), b.dev())?, "decap left on {}", b.name());
+    }
+    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/{p}-mxlb2")).exists());
+    Ok(())
+}

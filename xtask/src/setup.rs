@@ -4,14 +4,18 @@
 //! 1. rust-src for the nightly toolchain (lb-ebpf builds with `-Z build-std=core`);
 //! 2. Debian packages: llvm-22-dev + libpolly-22-dev (bpf-linker links against LLVM 22, the
 //!    version rustc uses), and the lab's packages: postfix (for `smtp-sink`/`smtp-source`),
-//!    iproute2, ethtool, swaks (with its IPv6/TLS/AUTH perl modules), haproxy, dovecot. `apt-get update` runs once, only when something is missing;
+//!    iproute2, ethtool, swaks (with its IPv6/TLS/AUTH perl modules), haproxy, dovecot, keepalived
+//!    (VRRP peers inside the lab's LB namespaces). `apt-get update` runs once, only when something
+//!    is missing;
 //! 3. bpf-linker 0.13.0 built against Debian's LLVM 22 (prebuilt downloads are unreachable).
 //!
 //! The lab only runs Postfix's test programs inside its own namespaces; the system Postfix
 //! service is never needed. When this command installs postfix, service start-up is suppressed
 //! during the install (policy-rc.d) and any instance that started anyway is stopped and disabled.
 //! A postfix that was already installed and running is left alone (it does not conflict: the lab's
-//! sinks listen inside private namespaces).
+//! sinks listen inside private namespaces). The same policy keeps a freshly installed keepalived
+//! service from starting (its unit also needs `/etc/keepalived/keepalived.conf`, which the lab
+//! never writes: it runs its own keepalived per LB namespace with its own config).
 
 use crate::util::{cargo_bin_dir, is_root, path_with_cargo_bin, probe, run_visible, say};
 use anyhow::{Context, Result, bail};
@@ -36,6 +40,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("dovecot-imapd", "real IMAP back-ends in the lab"),
     ("dovecot-pop3d", "real POP3 back-ends in the lab"),
     ("dovecot-lmtpd", "real LMTP back-ends in the lab"),
+    ("keepalived", "VRRP peers for the failover tests and `bench failover`"),
 ];
 
 pub fn run() -> Result<()> {

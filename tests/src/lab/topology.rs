@@ -1,31 +1,39 @@
-//! The lab topology: one segment (a Linux bridge in its own namespace), a client, a load
-//! balancer and N back-ends, each in its own namespace with an `eth0` veth whose peer is a
-//! bridge port.
+//! The lab topology: one segment (a Linux bridge in its own namespace), a client, one or more
+//! load balancers and N back-ends, each in its own namespace with an `eth0` veth whose peer is
+//! a bridge port.
 //!
 //! ```text
 //!                 bridge ns  {p}-br:  bridge {p}br
-//!        ┌──────────────┬─────────────┬──────────────┬─────┐
-//!     port {p}cl     port {p}lb    port {p}b1     port {p}b2 ...
-//!        │              │             │              │
-//!   {p}-client eth0  {p}-lb eth0  {p}-b1 eth0    {p}-b2 eth0     (+ VIP on lo in back-ends)
+//!        ┌──────────────┬─────────────┬─────────────┬──────────────┬─────┐
+//!     port {p}cl     port {p}lb    port {p}lb2   port {p}b1     port {p}b2 ...
+//!        │              │             │             │              │
+//!   {p}-client eth0  {p}-lb eth0  {p}-lb2 eth0  {p}-b1 eth0    {p}-b2 eth0  (+ VIP on lo in back-ends)
 //! ```
 //!
 //! Addresses (segment 198.18.0.0/24 and 2001:db8::/64, nothing in the root namespace):
-//! client .1 / ::1, LB .2 / ::2, back-end i (1-based) .(10+i) / ::(10+i) as written in text
+//! client .1 / ::1, LB k (1-based, [`LabBuilder::lbs`], default one) .(1+k) / ::(1+k) (LB 1 =
+//! .2, LB 2 = .3, ... LB 8 = .9), back-end i (1-based) .(10+i) / ::(10+i) as written in text
 //! (back-end 1 = 198.18.0.11 and 2001:db8::11), VIP 198.18.0.100 and 2001:db8::100.
-//! MACs are fixed: client 02:6d:78:00:00:01, LB 02:6d:78:00:00:02, back-end i 02:6d:78:00:01:i.
+//! MACs are fixed: client 02:6d:78:00:00:01, LB k 02:6d:78:00:00:(1+k) (LB 1 = …:02),
+//! back-end i 02:6d:78:00:01:i. LB 1 keeps the names it had when the lab had one LB
+//! (namespace `{p}-lb`, port `{p}lb`); LB k ≥ 2 is `{p}-lb{k}`, port `{p}lb{k}`.
 //!
-//! * **VIP → LB**: the client has permanent neighbour entries mapping both VIPs to the LB's
-//!   MAC. In production VRRP makes the LB answer ARP/ND for the VIP; here the static entry
-//!   stands in for it. The LB has no VIP address: without an LB program, traffic for the VIP is
-//!   not answered by anyone.
+//! * **VIP → LB**: by default the client has permanent neighbour entries mapping both VIPs to
+//!   LB 1's MAC. In production VRRP makes the master LB answer ARP/ND for the VIP; the static
+//!   entry stands in for it. The LBs have no VIP address: without an LB program, traffic for
+//!   the VIP is not answered by anyone. With [`LabBuilder::vip_by_arp`] the client has no
+//!   static entry and learns the VIP's MAC by ARP/ND from whichever LB holds the VIP (VRRP:
+//!   keepalived or `mxlb run`); it also accepts gratuitous ARP (`arp_accept=1`) and unsolicited
+//!   NA (`accept_untracked_na=1`), so a new master's announcements move its cache.
+//!   [`Lab::client_neighbour`] shows which MAC it uses.
 //! * **DSR back-ends**: the VIPs sit on each back-end's `lo` (IPv6 with `nodad`), with
 //!   `arp_ignore=1`/`arp_announce=2` on `all` and `eth0` so no back-end answers ARP for them;
 //!   `rp_filter=0`. They reply to the client directly.
-//! * **LB**: IPv4 and IPv6 forwarding on (`all` and `eth0`, needed by `bpf_fib_lookup`),
-//!   `send_redirects=0`, `rp_filter=0`.
+//! * **LBs** (each of them): IPv4 and IPv6 forwarding on (`all` and `eth0`, needed by
+//!   `bpf_fib_lookup`), `send_redirects=0`, `rp_filter=0`.
 //! * **Offloads**: `tx` checksum offload (and with it TSO) is off on the client's `eth0` and on
-//!   the LB's bridge port: with native XDP on veth, a partial checksum is lost on the rewrite path.
+//!   every LB's bridge port: with native XDP on veth, a partial checksum is lost on the rewrite
+//!   path.
 //! * **MTU**: IPIP adds 20 bytes (IPv6-in-IPv6 40). The client keeps MTU 1500 on both ends of its
 //!   veth, so its TCP MSS is 1460/1440 and its largest packet is 1500 bytes; every other veth
 //!   end (LB, back-ends, their bridge ports, the bridge) gets [`PATH_MTU`] = 1600, so an
@@ -33,9 +41,9 @@
 //!   MTU), the bridge (egress port MTU) and the back-end's veth, where the back-end's BPF
 //!   decapsulates it back to ≤ 1500. Back-ends reply with segments sized by the client's MSS, so
 //!   nothing above 1500 ever reaches the client. No advmss tricks are needed.
-//! * **XDP_TX on veth**: frames an XDP program sends back out of the LB's `eth0` are delivered
-//!   only if the peer (the bridge port [`Lab::lb_peer_port`]) has a native XDP program attached;
-//!   attach a plain XDP_PASS program there.
+//! * **XDP_TX on veth**: frames an XDP program sends back out of an LB's `eth0` are delivered
+//!   only if the peer (the bridge port [`Lab::lb_peer_port_of`]) has a native XDP program
+//!   attached; attach a plain XDP_PASS program there.
 //! * **Names**: namespaces are `{prefix}-…` and bridge ports `{prefix}…`, where the prefix is
 //!   `mx` + 5 hex digits, unique per lab (pid, time, counter), so parallel labs and parallel
 //!   test runs never collide; the `eth0` inside each host namespace is created directly there
@@ -46,6 +54,7 @@ use crate::lab::netns::{self, LinkInfo, Netns, mac_to_string};
 use crate::lab::smtp::{SinkCounts, SinkOpts, SmtpSink, SourceOpts, SourceResult, smtp_source};
 use anyhow::{Context, Result, bail, ensure};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -57,6 +66,8 @@ pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 /// Largest number of back-ends (addresses .11 to .90 stay below the VIP).
 pub const MAX_BACKENDS: usize = 80;
+/// Largest number of LB nodes (addresses .2 to .9 stay below the back-ends).
+pub const MAX_LBS: usize = 8;
 /// The interface name inside every host namespace.
 pub const HOST_DEV: &str = "eth0";
 
@@ -92,7 +103,8 @@ impl std::fmt::Display for AddrFamily {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     Client,
-    Lb,
+    /// LB node, 1-based (`Lb(1)` is [`Lab::lb`]).
+    Lb(usize),
     /// Back-end, 1-based.
     Backend(usize),
 }
@@ -112,11 +124,13 @@ impl Host {
     pub fn role(&self) -> Role {
         self.role
     }
-    /// Short name: "client", "lb", "b1", "b2", ...
+    /// Short name: "client", "lb", "lb2", ..., "b1", "b2", ... (the namespace is
+    /// `{prefix}-{name}`).
     pub fn name(&self) -> String {
         match self.role {
             Role::Client => "client".into(),
-            Role::Lb => "lb".into(),
+            Role::Lb(1) => "lb".into(),
+            Role::Lb(k) => format!("lb{k}"),
             Role::Backend(i) => format!("b{i}"),
         }
     }
@@ -155,9 +169,161 @@ impl Host {
     pub fn bridge_port(&self) -> &str {
         &self.port
     }
+    /// The MAC this host's neighbour table has for `ip` on `eth0` (`ip neigh show`), or `None`
+    /// when there is no entry or it has no link-layer address (`FAILED`, `INCOMPLETE`). `STALE`,
+    /// `DELAY` and `PROBE` entries count: the host still sends to that MAC.
+    pub fn neighbour(&self, ip: IpAddr) -> Result<Option<[u8; 6]>> {
+        let out = self.ns.ip(&[
+            "-j",
+            "neigh",
+            "show",
+            "to",
+            &ip.to_string(),
+            "dev",
+            HOST_DEV,
+        ])?;
+        parse_neigh_json(&out, ip)
+    }
+    /// Sends one ICMP echo request from this host to `dst` and waits up to `timeout` for the
+    /// reply; `Ok(Some(rtt))` if it came. Raw socket inside the namespace (needs root).
+    pub fn ping(&self, dst: IpAddr, timeout: Duration) -> Result<Option<Duration>> {
+        self.ns.run(move || ping_here(dst, timeout))?
+    }
 }
 
-/// The bridge port facing the LB's `eth0`, where the PASS program goes for native XDP_TX.
+/// The link-layer address of `ip` in `ip -j neigh show` output (see [`Host::neighbour`]).
+pub fn parse_neigh_json(json: &str, ip: IpAddr) -> Result<Option<[u8; 6]>> {
+    let json = json.trim();
+    if json.is_empty() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_str(json).context("ip -j neigh output")?;
+    let Some(entries) = v.as_array() else {
+        bail!("ip -j neigh: not a list: {json}");
+    };
+    for e in entries {
+        let dst = e["dst"].as_str().and_then(|d| d.parse::<IpAddr>().ok());
+        if dst != Some(ip) {
+            continue;
+        }
+        if let Some(l) = e["lladdr"].as_str() {
+            return parse_mac_text(l).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// `aa:bb:cc:dd:ee:ff` → bytes.
+pub fn parse_mac_text(s: &str) -> Result<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    ensure!(parts.len() == 6, "bad MAC {s:?}");
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).with_context(|| format!("bad MAC {s:?}"))?;
+    }
+    Ok(mac)
+}
+
+/// The Internet checksum (RFC 1071) of `data`.
+pub fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from(c[0]) << 8
+        };
+        sum += u32::from(w);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ICMP(v6) echo request with `id`, `seq` and a 16-byte payload (IPv4: checksum filled in;
+/// IPv6: the kernel fills it in for raw ICMPv6 sockets).
+fn echo_request(v6: bool, id: u16, seq: u16) -> Vec<u8> {
+    let mut p = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(b"mxlb-lab-ping-16");
+    if !v6 {
+        let c = inet_checksum(&p);
+        p[2..4].copy_from_slice(&c.to_be_bytes());
+    }
+    p
+}
+
+/// Is `pkt` (ICMP message; for IPv4 the raw socket hands over the IP header too) the echo reply
+/// to (`id`, `seq`)?
+fn is_echo_reply(v6: bool, pkt: &[u8], id: u16, seq: u16) -> bool {
+    let icmp = if v6 {
+        pkt
+    } else {
+        let Some(&b0) = pkt.first() else { return false };
+        let ihl = usize::from(b0 & 0x0f) * 4;
+        if b0 >> 4 != 4 || pkt.len() < ihl {
+            return false;
+        }
+        &pkt[ihl..]
+    };
+    icmp.len() >= 8
+        && icmp[0] == if v6 { 129 } else { 0 }
+        && icmp[4..6] == id.to_be_bytes()
+        && icmp[6..8] == seq.to_be_bytes()
+}
+
+/// One echo request to `dst` from the current thread's namespace (see [`Host::ping`]).
+fn ping_here(dst: IpAddr, timeout: Duration) -> Result<Option<Duration>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let v6 = dst.is_ipv6();
+    let (domain, proto) = if v6 {
+        (Domain::IPV6, Protocol::ICMPV6)
+    } else {
+        (Domain::IPV4, Protocol::ICMPV4)
+    };
+    let sock = Socket::new(domain, Type::RAW, Some(proto)).context("raw ICMP socket")?;
+    static SEQ: AtomicU32 = AtomicU32::new(1);
+    let id = (std::process::id() & 0xffff) as u16;
+    let seq = (SEQ.fetch_add(1, Ordering::Relaxed) & 0xffff) as u16;
+    let t0 = Instant::now();
+    let to = SocketAddr::new(dst, 0);
+    sock.send_to(&echo_request(v6, id, seq), &to.into())
+        .with_context(|| format!("ping {dst}"))?;
+    let deadline = t0 + timeout;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        let (n, from) = match sock.recv_from(&mut buf) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("ping: recv"),
+        };
+        // SAFETY: recv_from initialised the first n bytes.
+        let pkt: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        if from.as_socket().map(|a| a.ip()) == Some(dst) && is_echo_reply(v6, &pkt, id, seq) {
+            return Ok(Some(t0.elapsed()));
+        }
+    }
+}
+
+/// The bridge port facing an LB's `eth0`, where the PASS program goes for native XDP_TX.
 #[derive(Clone, Debug)]
 pub struct PeerPort {
     pub ns: Netns,
@@ -169,10 +335,24 @@ pub struct PeerPort {
 #[derive(Clone, Debug)]
 pub struct LabBuilder {
     backends: usize,
+    lbs: usize,
+    vip_by_arp: bool,
     sinks: Option<SinkOpts>,
 }
 
 impl LabBuilder {
+    /// Number of LB nodes (1..=8; default 1). LB k is at 198.18.0.(1+k) (see the module docs).
+    pub fn lbs(mut self, n: usize) -> Self {
+        self.lbs = n;
+        self
+    }
+    /// The client learns the VIPs' MAC by ARP/ND from whichever LB holds them (VRRP), instead
+    /// of the default permanent neighbour entries pointing at LB 1; it accepts gratuitous ARP
+    /// and unsolicited NA. Nothing answers for the VIPs until some LB adds them.
+    pub fn vip_by_arp(mut self) -> Self {
+        self.vip_by_arp = true;
+        self
+    }
     /// Number of back-ends (1..=80; default 3).
     pub fn backends(mut self, n: usize) -> Self {
         self.backends = n;
@@ -195,6 +375,11 @@ impl LabBuilder {
             "backends must be 1..={MAX_BACKENDS}, got {}",
             self.backends
         );
+        ensure!(
+            (1..=MAX_LBS).contains(&self.lbs),
+            "lbs must be 1..={MAX_LBS}, got {}",
+            self.lbs
+        );
         let prefix = new_prefix();
         // Leftovers with this prefix can only come from an earlier run that crashed with the
         // same pid and clock value; other runs' namespaces are never touched.
@@ -205,14 +390,16 @@ impl LabBuilder {
             daemons: Vec::new(),
             sinks: Vec::new(),
             client: None,
-            lb: None,
+            lbs: Vec::new(),
             backends: Vec::new(),
             bridge: Netns::from_name(format!("{prefix}-br")),
             owned: Owned(Vec::new()),
             prefix,
+            vip_by_arp: self.vip_by_arp,
+            decap_users: Mutex::new(0),
         };
         // On any error below, dropping `lab` removes what was created so far.
-        lab.create(self.backends)
+        lab.create(self.backends, self.lbs)
             .with_context(|| format!("building lab {}", lab.prefix))?;
         if let Some(opts) = &self.sinks {
             for b in &lab.backends {
@@ -260,17 +447,24 @@ pub struct Lab {
     daemons: Vec<Daemon>,
     sinks: Vec<SmtpSink>,
     client: Option<Host>,
-    lb: Option<Host>,
+    /// LB k at index k-1; never empty once built.
+    lbs: Vec<Host>,
     backends: Vec<Host>,
     bridge: Netns,
     owned: Owned,
     prefix: String,
+    vip_by_arp: bool,
+    /// How many [`MxlbNode`](crate::node::MxlbNode)s currently need the decap helper on the
+    /// back-ends (it is per back-end, not per LB: the first attaches, the last detaches).
+    decap_users: Mutex<usize>,
 }
 
 impl Lab {
     pub fn builder() -> LabBuilder {
         LabBuilder {
             backends: 3,
+            lbs: 1,
+            vip_by_arp: false,
             sinks: Some(SinkOpts::default()),
         }
     }
@@ -285,7 +479,7 @@ impl Lab {
         ns
     }
 
-    fn create(&mut self, n: usize) -> Result<()> {
+    fn create(&mut self, n: usize, lbs: usize) -> Result<()> {
         let bridge = self.new_ns("br")?;
         let br = format!("{}br", self.prefix);
         let mtu = PATH_MTU.to_string();
@@ -308,27 +502,56 @@ impl Lab {
         self.bridge = bridge;
 
         let client = self.add_host(Role::Client, &br)?;
-        let lb = self.add_host(Role::Lb, &br)?;
+        let mut lb_hosts = Vec::with_capacity(lbs);
+        for k in 1..=lbs {
+            lb_hosts.push(self.add_host(Role::Lb(k), &br)?);
+        }
         for i in 1..=n {
             let b = self.add_host(Role::Backend(i), &br)?;
             self.backends.push(b);
         }
 
-        // Client: VIP → LB's MAC (stands in for VRRP), no redirects, no tx checksum offload.
-        let lb_mac = mac_to_string(&lb.mac);
-        for vip in [VIP4.to_string(), VIP6.to_string()] {
-            client.ns.ip(&[
-                "neigh",
-                "replace",
-                &vip,
-                "lladdr",
-                &lb_mac,
-                "dev",
-                HOST_DEV,
-                "nud",
-                "permanent",
-            ])?;
+        if self.vip_by_arp {
+            // Client: learns the VIP's MAC by ARP/ND from the VRRP master, and lets a new
+            // master's gratuitous ARP / unsolicited NA create or move the entry.
+            for k in [
+                "net.ipv4.conf.all.arp_accept",
+                "net.ipv4.conf.eth0.arp_accept",
+            ] {
+                client.ns.sysctl(k, "1")?;
+            }
+            // accept_untracked_na exists since Linux 5.19; older kernels skip it (an existing
+            // entry is still updated by an NA with the override flag).
+            if client
+                .ns
+                .sysctl_get("net.ipv6.conf.all.accept_untracked_na")
+                .is_ok()
+            {
+                for k in [
+                    "net.ipv6.conf.all.accept_untracked_na",
+                    "net.ipv6.conf.eth0.accept_untracked_na",
+                ] {
+                    client.ns.sysctl(k, "1")?;
+                }
+            }
+        } else {
+            // Client: VIP → LB 1's MAC (stands in for VRRP).
+            let lb_mac = mac_to_string(&lb_hosts[0].mac);
+            for vip in [VIP4.to_string(), VIP6.to_string()] {
+                client.ns.ip(&[
+                    "neigh",
+                    "replace",
+                    &vip,
+                    "lladdr",
+                    &lb_mac,
+                    "dev",
+                    HOST_DEV,
+                    "nud",
+                    "permanent",
+                ])?;
+            }
         }
+        // Client: no redirects, no tx checksum offload.
         for k in [
             "net.ipv4.conf.all.accept_redirects",
             "net.ipv4.conf.eth0.accept_redirects",
@@ -343,20 +566,22 @@ impl Lab {
             .sysctl("net.ipv6.conf.eth0.accept_redirects", "0")?;
         client.ns.ethtool_k(HOST_DEV, &["tx", "off"])?;
 
-        // LB: forwarding on (bpf_fib_lookup needs it), no redirects; its bridge port without
-        // tx checksum offload.
-        for (k, v) in [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.forwarding", "1"),
-            ("net.ipv4.conf.eth0.forwarding", "1"),
-            ("net.ipv4.conf.all.send_redirects", "0"),
-            ("net.ipv4.conf.eth0.send_redirects", "0"),
-            ("net.ipv6.conf.all.forwarding", "1"),
-            ("net.ipv6.conf.eth0.forwarding", "1"),
-        ] {
-            lb.ns.sysctl(k, v)?;
+        // LBs: forwarding on (bpf_fib_lookup needs it), no redirects; their bridge ports
+        // without tx checksum offload.
+        for lb in &lb_hosts {
+            for (k, v) in [
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv4.conf.all.forwarding", "1"),
+                ("net.ipv4.conf.eth0.forwarding", "1"),
+                ("net.ipv4.conf.all.send_redirects", "0"),
+                ("net.ipv4.conf.eth0.send_redirects", "0"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+                ("net.ipv6.conf.eth0.forwarding", "1"),
+            ] {
+                lb.ns.sysctl(k, v)?;
+            }
+            self.bridge.ethtool_k(&lb.port, &["tx", "off"])?;
         }
-        self.bridge.ethtool_k(&lb.port, &["tx", "off"])?;
 
         // Back-ends: DSR, VIP on lo.
         for b in &self.backends {
@@ -373,7 +598,7 @@ impl Lab {
             b.ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
         }
         self.client = Some(client);
-        self.lb = Some(lb);
+        self.lbs = lb_hosts;
         Ok(())
     }
 
@@ -386,13 +611,20 @@ impl Lab {
                 [2, 0x6d, 0x78, 0, 0, 1],
                 CLIENT_MTU,
             ),
-            Role::Lb => (
-                "lb".to_string(),
-                "lb".to_string(),
-                2,
-                [2, 0x6d, 0x78, 0, 0, 2],
-                PATH_MTU,
-            ),
+            Role::Lb(k) => {
+                let name = if k == 1 {
+                    "lb".to_string()
+                } else {
+                    format!("lb{k}")
+                };
+                (
+                    name.clone(),
+                    name,
+                    1 + k as u8,
+                    [2, 0x6d, 0x78, 0, 0, 1 + k as u8],
+                    PATH_MTU,
+                )
+            }
             Role::Backend(i) => (
                 format!("b{i}"),
                 format!("b{i}"),
@@ -464,8 +696,39 @@ impl Lab {
     pub fn client(&self) -> &Host {
         self.client.as_ref().expect("lab built")
     }
+    /// LB 1 (the only one unless built with [`LabBuilder::lbs`]).
     pub fn lb(&self) -> &Host {
-        self.lb.as_ref().expect("lab built")
+        self.lbs.first().expect("lab built")
+    }
+    /// Every LB node, LB 1 first.
+    pub fn lbs(&self) -> &[Host] {
+        &self.lbs
+    }
+    /// LB `k`, 1-based (the one at 198.18.0.(1+k)).
+    pub fn lb_n(&self, k: usize) -> &Host {
+        assert!(
+            k >= 1 && k <= self.lbs.len(),
+            "LB {k} of {}",
+            self.lbs.len()
+        );
+        &self.lbs[k - 1]
+    }
+    /// The host (client, LB or back-end) whose `eth0` has `mac`.
+    pub fn host_by_mac(&self, mac: [u8; 6]) -> Option<&Host> {
+        self.client
+            .iter()
+            .chain(&self.lbs)
+            .chain(&self.backends)
+            .find(|h| h.mac == mac)
+    }
+    /// Whether the lab was built with [`LabBuilder::vip_by_arp`].
+    pub fn vip_by_arp(&self) -> bool {
+        self.vip_by_arp
+    }
+    /// The MAC the client currently sends `vip` (or any address) to, from its neighbour table;
+    /// `None` while unresolved. See [`Host::neighbour`].
+    pub fn client_neighbour(&self, vip: IpAddr) -> Result<Option<[u8; 6]>> {
+        self.client().neighbour(vip)
     }
     pub fn backends(&self) -> &[Host] {
         &self.backends
@@ -494,10 +757,19 @@ impl Lab {
     pub fn vip_addr(&self, fam: AddrFamily, port: u16) -> SocketAddr {
         SocketAddr::new(self.vip(fam), port)
     }
-    /// The bridge port facing the LB's `eth0`: attach a native XDP_PASS program to it (inside
+    /// The bridge port facing LB 1's `eth0`: attach a native XDP_PASS program to it (inside
     /// [`Lab::bridge_ns`]) so the LB's XDP_TX frames are delivered.
     pub fn lb_peer_port(&self) -> Result<PeerPort> {
-        let name = self.lb().port.clone();
+        self.lb_peer_port_of(1)
+    }
+    /// The bridge port facing LB `k`'s `eth0` (1-based); see [`Lab::lb_peer_port`].
+    pub fn lb_peer_port_of(&self, k: usize) -> Result<PeerPort> {
+        ensure!(
+            k >= 1 && k <= self.lbs.len(),
+            "LB {k} of {}",
+            self.lbs.len()
+        );
+        let name = self.lbs[k - 1].port.clone();
         let ifindex = self.bridge.link(&name)?.ifindex;
         Ok(PeerPort {
             ns: self.bridge.clone(),
@@ -506,14 +778,18 @@ impl Lab {
         })
     }
 
-    /// Installs permanent neighbour entries for every back-end (both families) in the LB's
+    /// Installs permanent neighbour entries for every back-end (both families) in every LB's
     /// namespace: `bpf_fib_lookup` does not resolve neighbours itself. An agent that keeps them
     /// resolved makes this unnecessary; tests of the data plane alone can use it.
     pub fn pin_backend_neighbours_on_lb(&self) -> Result<()> {
-        for b in &self.backends {
+        for (b, lb) in self
+            .backends
+            .iter()
+            .flat_map(|b| self.lbs.iter().map(move |lb| (b, lb)))
+        {
             let mac = mac_to_string(&b.mac);
             for ip in [b.v4.to_string(), b.v6.to_string()] {
-                self.lb().ns.ip(&[
+                lb.ns.ip(&[
                     "neigh",
                     "replace",
                     &ip,
@@ -527,6 +803,19 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// Counts a user of the back-ends' decap helper; true for the first (who attaches it).
+    pub(crate) fn decap_acquire(&self) -> bool {
+        let mut n = self.decap_users.lock().unwrap_or_else(|e| e.into_inner());
+        *n += 1;
+        *n == 1
+    }
+    /// Releases a user of the decap helper; true for the last (who detaches it).
+    pub(crate) fn decap_release(&self) -> bool {
+        let mut n = self.decap_users.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        *n == 0
     }
 
     /// Keeps `daemon` running for the life of the lab (stopped before the namespaces go).
@@ -597,5 +886,59 @@ impl std::fmt::Debug for Lab {
             .field("prefix", &self.prefix)
             .field("namespaces", &self.owned.0)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neigh_json_is_parsed() {
+        let vip: IpAddr = "198.18.0.100".parse().unwrap();
+        let j = r#"[{"dst":"198.18.0.100","dev":"eth0","lladdr":"02:6d:78:00:00:03","state":["STALE"]}]"#;
+        assert_eq!(
+            parse_neigh_json(j, vip).unwrap(),
+            Some([2, 0x6d, 0x78, 0, 0, 3])
+        );
+        let failed = r#"[{"dst":"198.18.0.100","dev":"eth0","state":["FAILED"]}]"#;
+        assert_eq!(parse_neigh_json(failed, vip).unwrap(), None);
+        assert_eq!(parse_neigh_json("[]", vip).unwrap(), None);
+        assert_eq!(parse_neigh_json("", vip).unwrap(), None);
+        let other = r#"[{"dst":"198.18.0.1","dev":"eth0","lladdr":"02:6d:78:00:00:01","state":["REACHABLE"]}]"#;
+        assert_eq!(parse_neigh_json(other, vip).unwrap(), None);
+        let v6: IpAddr = "2001:db8::100".parse().unwrap();
+        let j6 = r#"[{"dst":"2001:db8::100","dev":"eth0","lladdr":"02:6d:78:00:00:02","router":null,"state":["REACHABLE"]}]"#;
+        assert_eq!(
+            parse_neigh_json(j6, v6).unwrap(),
+            Some([2, 0x6d, 0x78, 0, 0, 2])
+        );
+        assert!(parse_neigh_json("{", vip).is_err());
+    }
+
+    #[test]
+    fn icmp_echo_checksum_and_reply_match() {
+        // RFC 1071 example words.
+        assert_eq!(
+            inet_checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            !0xddf2
+        );
+        let req = echo_request(false, 0x1234, 7);
+        assert_eq!(
+            inet_checksum(&req),
+            0,
+            "a packet with its checksum sums to zero"
+        );
+        let mut reply = req.clone();
+        reply[0] = 0;
+        let mut ip = vec![0x45u8; 1];
+        ip.extend_from_slice(&[0; 19]);
+        ip.extend_from_slice(&reply);
+        assert!(is_echo_reply(false, &ip, 0x1234, 7));
+        assert!(!is_echo_reply(false, &ip, 0x1234, 8));
+        let mut r6 = echo_request(true, 1, 2);
+        assert!(!is_echo_reply(true, &r6, 1, 2), "a request is no reply");
+        r6[0] = 129;
+        assert!(is_echo_reply(true, &r6, 1, 2));
     }
 }
