@@ -260,7 +260,9 @@ struct HelperArgs {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MXLB_LOG").unwrap_or_else(|_| "info".into()),
+            // netlink-packet-route warns on every link dump that the kernel's IPv6 settings
+            // are longer than it knows; that is noise, not something an operator can act on.
+            tracing_subscriber::EnvFilter::try_from_env("MXLB_LOG").unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
         )
         .with_writer(std::io::stderr)
         // Colour only on a terminal: not in journald, log files or pipes.

@@ -321,6 +321,8 @@ fn addresses_are_added_and_removed_idempotently() -> Result<()> {
                 assert!(!line.contains("tentative"), "usable at once: {line}");
                 if vip.is_ipv6() {
                     assert!(line.contains("nodad"), "{line}");
+                    // Never the source of the node's own connections (health probes).
+                    assert!(line.contains("deprecated"), "preferred lifetime 0: {line}");
                 }
                 // Usable as a local address right away (a tentative one is not).
                 std::net::UdpSocket::bind((vip, 0)).with_context(|| format!("bind to {vip} right after adding it"))?;

@@ -5,7 +5,8 @@
 //!   builder of rtnetlink would set broadcast = the address itself for a /32, and the kernel
 //!   would then add a broadcast route for the VIP); IPv6 with `IFA_F_NODAD`, so it is usable at
 //!   once instead of tentative for a second of duplicate address detection, which on a VRRP
-//!   failover would also find the old master's copy if it is still around. Only such host
+//!   failover would also find the old master's copy if it is still around, and deprecated
+//!   (preferred lifetime 0) so it is never the source of the node's own connections. Only such host
 //!   entries are taken off again: the same address with another prefix length was configured
 //!   by someone else (see [`remove_address`]).
 //! * Announcing is one gratuitous ARP or one unsolicited Neighbour Advertisement; the caller
@@ -31,7 +32,7 @@ use std::{
 
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
-    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
+    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, CacheInfo},
     link::{LinkAttribute, LinkFlags},
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -176,6 +177,14 @@ pub async fn add_address(ifname: &str, addr: IpAddr) -> Result<(), AnnounceError
         IpAddr::V6(_) => {
             msg.header.flags = AddressHeaderFlags::Nodad;
             msg.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+            // Preferred lifetime 0 ("deprecated"): still a local address for the VIP's
+            // traffic, but never picked as the source of this node's own connections. Without
+            // it, IPv6 source selection may pick the VIP for health probes to back-ends, whose
+            // replies then go to the back-end's own copy of the VIP on its loopback.
+            let mut lifetimes = CacheInfo::default();
+            lifetimes.ifa_preferred = 0;
+            lifetimes.ifa_valid = u32::MAX;
+            msg.attributes.push(AddressAttribute::CacheInfo(lifetimes));
         }
     }
     match req.execute().await {
