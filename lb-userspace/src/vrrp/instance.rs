@@ -9,7 +9,9 @@
 //! - **FAULT** (a failed track with no weight): addresses released, no advertisements, a
 //!   priority-0 advertisement first if it was master so a backup takes over within Skew_Time;
 //! - **split brain healing**: a master that hears a lower-priority master re-advertises at
-//!   once and announces its addresses again, so caches that followed the other one come back.
+//!   once and announces its addresses again, so caches that followed the other one come back;
+//!   a master stepping down sends one last advertisement of its own first, so the winner hears
+//!   it even when the winner's advertisement arrived first.
 use std::{
     net::IpAddr,
     time::{Duration, Instant},
@@ -207,7 +209,12 @@ impl Instance {
                 }
                 let wins = adv.priority > self.priority || (adv.priority == self.priority && ip_greater(src, self.s.primary));
                 if wins {
-                    let out = self.go(State::Backup, now);
+                    // One last advertisement of ours before stepping down: after a partition
+                    // heals, the winner may never have heard us (we stop as soon as we hear
+                    // it), yet clients that followed our announcements must be pointed back.
+                    // Hearing a lower-priority master makes it re-announce (below).
+                    let mut out = vec![Action::Advertise { priority: self.priority }];
+                    out.extend(self.go(State::Backup, now));
                     self.master = Some(src);
                     self.master_adver_cs = adv.max_adver_cs.max(1);
                     self.master_down_at = Some(now + master_down_interval(self.priority, self.master_adver_cs));
@@ -392,7 +399,15 @@ mod tests {
         i.on_timer(t0 + ms(400));
         assert_eq!(i.state(), State::Master);
         let a = i.on_advert(t0 + ms(450), peer(), &advert(200));
-        assert_eq!(a, [Action::ReleaseAddresses, Action::Transition { from: State::Master, to: State::Backup }], "no goodbye: the winner already advertises");
+        assert_eq!(
+            a,
+            [
+                Action::Advertise { priority: 100 },
+                Action::ReleaseAddresses,
+                Action::Transition { from: State::Master, to: State::Backup }
+            ],
+            "no goodbye (the winner already advertises), but one last advert so it re-announces"
+        );
         assert_eq!(i.master(), Some(peer()));
         // Equal priority: the higher address wins (198.18.0.3 > .2: we stay master).
         let mut j = Instance::new(settings(100), t0);
