@@ -21,7 +21,8 @@
 //!   CLI uses to reach a running agent.
 //! - [`metrics`]: Prometheus `/metrics` and the status behind `mxlb status`.
 //! - [`vippath`]: probing the VIP path in DSR modes (a crafted SYN through the back-end).
-//! - [`vrrp`]: VRRPv3 between LB nodes (so far: the advertisement codec and the RFC timers).
+//! - [`vrrp`]: VRRPv3 between LB nodes, keepalived-compatible: codec, state machine, sockets,
+//!   VIP hand-over (addresses, GARP/NA, standby in the data path), tracking, sync groups.
 //! - [`statefile`]: crash-safe JSON files and the lock in the state directory.
 //! - [`shed`]: the tempfail responder (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) for full VIPs.
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
