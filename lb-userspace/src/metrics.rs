@@ -276,3 +276,46 @@ async fn respond(req: Request<hyper::body::Incoming>, metrics: &Metrics, control
         Err(e) => reply(500, "text/plain", format!("{e}\n")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vrrp::{InstanceStatus, instance::State};
+
+    #[test]
+    fn vrrp_instances_are_exported() {
+        let vrrp = InstanceStatus {
+            name: "smtp".into(),
+            vrid: 51,
+            interface: "eth0".into(),
+            family: "ipv4".into(),
+            state: State::Master,
+            priority: 90,
+            configured_priority: 150,
+            master: None,
+            addresses: vec![],
+            sync_group: None,
+            failing_tracks: vec!["mx has 1 healthy back-ends, needs 2".into()],
+            transitions: 3,
+            became_master: 2,
+            adverts_sent: 40,
+            adverts_received: 7,
+            dropped: [("checksum".to_string(), 5u64)].into(),
+        };
+        let status = Status { backends: vec![], vips: vec![], decisions: vec![], vrrp: vec![vrrp] };
+        let text = Metrics::new().render(status).unwrap();
+        for want in [
+            "mxlb_vrrp_state{instance=\"smtp\",state=\"MASTER\"} 1",
+            "mxlb_vrrp_state{instance=\"smtp\",state=\"BACKUP\"} 0",
+            "mxlb_vrrp_priority{instance=\"smtp\"} 90",
+            "mxlb_vrrp_configured_priority{instance=\"smtp\"} 150",
+            "mxlb_vrrp_transitions_total{instance=\"smtp\"} 3",
+            "mxlb_vrrp_became_master_total{instance=\"smtp\"} 2",
+            "mxlb_vrrp_adverts_sent_total{instance=\"smtp\"} 40",
+            "mxlb_vrrp_adverts_received_total{instance=\"smtp\"} 7",
+            "mxlb_vrrp_dropped_total{instance=\"smtp\",reason=\"checksum\"} 5",
+        ] {
+            assert!(text.contains(want), "missing `{want}` in:\n{text}");
+        }
+    }
+}

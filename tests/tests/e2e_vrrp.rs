@@ -345,3 +345,37 @@ fn split_brain_heals_to_one_master_that_reannounces() -> Result<()> {
     sessions_ok(&lab, AddrFamily::V4, 10)?;
     Ok(())
 }
+
+#[test]
+fn three_nodes_elect_one_master_and_the_next_priority_takes_over() -> Result<()> {
+    if !lab::require_root("three_nodes_elect_one_master_and_the_next_priority_takes_over") {
+        return Ok(());
+    }
+    let lab = lab(3)?;
+    let mut n1 = node(&lab, 1, &[prio(150)])?;
+    let n2 = node(&lab, 2, &[prio(100)])?;
+    let n3 = node(&lab, 3, &[prio(50)])?;
+    wait_vrrp(&n1, "smtp", State::Master, Duration::from_secs(3))?;
+    wait_vrrp(&n2, "smtp", State::Backup, Duration::from_secs(1))?;
+    wait_vrrp(&n3, "smtp", State::Backup, Duration::from_secs(1))?;
+    let holders = |lab: &Lab| -> Result<Vec<usize>> {
+        let mut v = Vec::new();
+        for k in 1..=3 {
+            if lab::keepalived::holds_addr(lab.lb_n(k).ns(), "eth0", lab.vip(AddrFamily::V4))? {
+                v.push(k);
+            }
+        }
+        Ok(v)
+    };
+    ensure!(holders(&lab)? == [1], "VIP held by {:?}", holders(&lab)?);
+    // The master dies: priority 100 has the shorter Skew_Time, so it wins and 50 stays backup.
+    n1.kill();
+    lab.lb_n(1).ns().ip(&["link", "set", "eth0", "down"])?;
+    wait_vrrp(&n2, "smtp", State::Master, Duration::from_secs(2))?;
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(vrrp_state(&n3, "smtp")? == State::Backup, "priority 50 took over too");
+    ensure!(vrrp_status(&n3)?[0].became_master == 0, "priority 50 was master at some point");
+    ensure!(holders(&lab)? == [1, 2] || holders(&lab)? == [2], "VIP held by {:?}", holders(&lab)?);
+    sessions_ok(&lab, AddrFamily::V4, 10)?;
+    Ok(())
+}
