@@ -379,3 +379,27 @@ fn three_nodes_elect_one_master_and_the_next_priority_takes_over() -> Result<()>
     sessions_ok(&lab, AddrFamily::V4, 10)?;
     Ok(())
 }
+
+#[test]
+fn ipv4_checksum_without_pseudo_header_is_a_setting() -> Result<()> {
+    if !lab::require_root("ipv4_checksum_without_pseudo_header_is_a_setting") {
+        return Ok(());
+    }
+    let lab = lab(2)?;
+    let without = |priority: u8| VrrpOpts { priority, extra: "checksum = \"no-pseudo-header\"\n".into(), ..Default::default() };
+    // Both without the pseudo-header (RFC 9568's IPv4 variant): a normal election.
+    let n1 = node(&lab, 1, &[without(150)])?;
+    let mut n2 = node(&lab, 2, &[without(100)])?;
+    wait_vrrp(&n1, "smtp", State::Master, Duration::from_secs(3))?;
+    wait_vrrp(&n2, "smtp", State::Backup, Duration::from_secs(1))?;
+    let st = vrrp_status(&n2)?;
+    ensure!(st[0].adverts_received > 0 && st[0].dropped.is_empty(), "{st:?}");
+    // A peer set the other way: every advert fails the checksum, counted, and it takes over.
+    n2.stop()?;
+    drop(n2);
+    let n2 = node(&lab, 2, &[prio(100)])?;
+    wait_vrrp(&n2, "smtp", State::Master, Duration::from_secs(3))?;
+    let st = vrrp_status(&n2)?;
+    ensure!(st[0].dropped.get("checksum").copied().unwrap_or(0) > 0 && st[0].adverts_received == 0, "{st:?}");
+    Ok(())
+}
