@@ -2,6 +2,7 @@
 //! and benchmarks can use too.
 //!
 //! # Layout
+//! - [`afpacket`]: AF_PACKET sockets on one interface (frames for the VIP-path probe, ARP).
 //! - [`agent`]: `mxlb agent` on each mail server: queue, disk and load in HAProxy's
 //!   agent-check format (and as JSON).
 //! - [`config`]: the TOML file, `validate()`, errors located by file/line/key.
@@ -29,6 +30,7 @@
 //!
 //! The XDP program itself is in the `lb-ebpf` crate; the types both sides share are in
 //! `lb-common`.
+pub mod afpacket;
 pub mod agent;
 pub mod config;
 pub mod control;

@@ -164,40 +164,13 @@ fn tcp_from(frame: &[u8], from: SocketAddr, to: IpAddr, dport: u16) -> Option<(u
     Some((*tcp.get(13)?, seq))
 }
 
-fn packet_socket(ifindex: u32) -> std::io::Result<OwnedFd> {
-    const ETH_P_ALL: u16 = 0x0003;
-    // SAFETY: plain socket(2); the fd is owned right after.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, ETH_P_ALL.to_be() as i32) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is valid and owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = ETH_P_ALL.to_be();
-    sll.sll_ifindex = ifindex as i32;
-    // SAFETY: sll is a valid sockaddr_ll.
-    let rc = unsafe { libc::bind(fd.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
-fn send(fd: &OwnedFd, frame: &[u8]) -> std::io::Result<()> {
-    // SAFETY: frame outlives the call; the socket is bound to the interface.
-    let rc = unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
-}
-
 /// Sends one probe packet the way `mode` forwards: dsr-l2 as a frame on the LB's interface
 /// (AF_PACKET, to the back-end's MAC); dsr-ipip through a raw IP socket of the outer family with
 /// protocol 4 or 41, which adds the outer header and routes it to the back-end like any packet
 /// of this node (no next-hop MAC needed, as the data path's FIB lookup).
 fn send_probe(packet_fd: &OwnedFd, origin: &Origin, mode: ForwardingMode, backend: IpAddr, mac: [u8; 6], src: IpAddr, ip: Vec<u8>) -> Result<(), PathError> {
     if mode != ForwardingMode::DsrIpip {
-        return Ok(send(packet_fd, &frame(origin, mode, backend, mac, src, ip))?);
+        return Ok(crate::afpacket::send(packet_fd, &frame(origin, mode, backend, mac, src, ip))?);
     }
     let inner_proto = if ip[0] >> 4 == 4 { 4 } else { 41 };
     let domain = if backend.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
@@ -234,7 +207,7 @@ pub async fn probe(
         IpAddr::V6(_) => IpAddr::V6(origin.v6.ok_or(PathError::NoSource("IPv6"))?),
     };
     // SAFETY: the fd is owned by the AsyncFd for its whole life and closed only when dropped.
-    let fd = unsafe { AsyncFd::register(packet_socket(origin.ifindex)?) }.map_err(|e| PathError::Io(e.into()))?;
+    let fd = unsafe { AsyncFd::register(crate::afpacket::open(origin.ifindex, crate::afpacket::ETH_P_ALL, true)?) }.map_err(|e| PathError::Io(e.into()))?;
     let start = Instant::now();
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     // An ephemeral-range port the LB's own stack is unlikely to be using at this instant.

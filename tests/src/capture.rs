@@ -384,6 +384,8 @@ fn setsockopt<T>(fd: i32, level: i32, name: i32, val: &T) -> std::io::Result<()>
 }
 
 /// Opens the packet socket in the current thread's namespace, bound to `bind_ifindex` (0 = all).
+/// Not `mxlb::afpacket::open`: the filter must be attached before the bind, or frames it would
+/// refuse are queued in between.
 fn open_socket(bind_ifindex: u32) -> Result<OwnedFd> {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket(2).

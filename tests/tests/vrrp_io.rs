@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -63,24 +63,11 @@ struct Capture(OwnedFd);
 impl Capture {
     /// Opens it; call with the thread inside the namespace.
     fn open(dev: &str) -> Result<Capture> {
-        const ETH_P_ALL: u16 = 0x0003;
         let c = std::ffi::CString::new(dev)?;
         // SAFETY: valid C string.
         let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
         ensure!(ifindex != 0, "no interface {dev}");
-        // SAFETY: plain socket(2); owned right after.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(ETH_P_ALL.to_be())) };
-        ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        // SAFETY: fd is fresh and owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: a zeroed sockaddr_ll is valid; the fields are set below.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_ALL.to_be();
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: sll is a valid sockaddr_ll of the size given.
-        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) };
-        ensure!(rc == 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+        let fd = mxlb::afpacket::open(ifindex, mxlb::afpacket::ETH_P_ALL, false).context("AF_PACKET socket")?;
         let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
         // SAFETY: tv outlives the call; its size is passed.
         let rc = unsafe {

@@ -27,7 +27,6 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV6},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
 use futures::TryStreamExt as _;
@@ -263,35 +262,8 @@ pub async fn announce(ifname: &str, addr: IpAddr) -> Result<(), AnnounceError> {
 
 fn send_garp(ifname: &str, index: u32, frame: &[u8; 42]) -> Result<(), AnnounceError> {
     // Protocol 0: this socket only sends, so the kernel queues nothing received on it.
-    // SAFETY: plain socket(2); the fd is owned right after.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io_err(ifname, "AF_PACKET socket")(io::Error::last_os_error()));
-    }
-    // SAFETY: fd is valid and owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = ETH_P_ARP.to_be();
-    sll.sll_ifindex = index as i32;
-    sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-    // SAFETY: frame and sll outlive the call; the length passed is sll's size.
-    let rc = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            libc::MSG_DONTWAIT,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io_err(ifname, "send gratuitous ARP")(io::Error::last_os_error()));
-    }
-    Ok(())
+    let fd = crate::afpacket::open(index, 0, true).map_err(io_err(ifname, "AF_PACKET socket"))?;
+    crate::afpacket::send(&fd, frame).map_err(io_err(ifname, "send gratuitous ARP"))
 }
 
 fn send_na(ifname: &str, index: u32, src: Option<Ipv6Addr>, msg: &[u8; 32]) -> Result<(), AnnounceError> {
