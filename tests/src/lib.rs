@@ -31,5 +31,6 @@ pub mod keepalived;
 pub mod node;
 pub mod sessions;
 pub mod dovecot;
+pub mod failover;
 pub mod flood;
 pub mod vrrp;

@@ -8,6 +8,7 @@ use lab::{
     node::{Mode, MxlbNode, NodeOpts},
 };
 
+mod bench_failover;
 mod bench_health;
 mod bench_xdp;
 
@@ -25,7 +26,7 @@ fn write_bench(name: &str, json: &serde_json::Value) -> Result<()> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS]\n       mxlb-lab bench xdp|health"
+        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS]\n       mxlb-lab bench xdp|health|failover"
     );
     std::process::exit(2)
 }
@@ -37,7 +38,8 @@ fn main() {
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("xdp") => bench_xdp::run(),
             Some("health") => bench_health::run(),
-            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp, health)")),
+            Some("failover") => bench_failover::run(),
+            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp, health, failover)")),
             None => usage(),
         },
         _ => usage(),
