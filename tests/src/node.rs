@@ -57,6 +57,18 @@ fn locate_and_build() -> Result<PathBuf> {
     if let Some(cargo) = std::env::var_os("CARGO") {
         let mut c = Command::new(cargo);
         c.args(["build", "--quiet", "-p", "lb-userspace", "--bin", "mxlb"]);
+        // The variables cargo sets for this test's own crate would leak into build scripts of
+        // the nested build (ring's reruns when they change), rebuilding half the tree each
+        // time `cargo test` and a plain build take turns.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"]
+                .iter()
+                .any(|p| k.starts_with(p))
+            {
+                c.env_remove(k.as_ref());
+            }
+        }
         if dir.ends_with("release") {
             c.arg("--release");
         }
