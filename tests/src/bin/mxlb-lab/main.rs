@@ -26,7 +26,7 @@ fn write_bench(name: &str, json: &serde_json::Value) -> Result<()> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS]\n       mxlb-lab bench xdp|health|failover"
+        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS] [--ha]\n       mxlb-lab bench xdp|health|failover"
     );
     std::process::exit(2)
 }
@@ -56,6 +56,7 @@ fn demo(args: &[String]) -> Result<()> {
     let mut mode = Mode::DsrL2;
     let mut sessions = 600u32;
     let mut hold: Option<Duration> = None;
+    let mut ha = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -67,6 +68,7 @@ fn demo(args: &[String]) -> Result<()> {
                 }
             }
             "--sessions" => sessions = it.next().context("--sessions N")?.parse().context("--sessions N")?,
+            "--ha" => ha = true,
             "--for" => hold = Some(Duration::from_secs(it.next().context("--for SECONDS")?.parse().context("--for SECONDS")?)),
             _ => usage(),
         }
@@ -75,11 +77,31 @@ fn demo(args: &[String]) -> Result<()> {
         bail!("the lab needs root (network namespaces, BPF): run as root");
     }
     let weights = vec![100, 200, 300];
-    println!("== building the lab: client, LB node, 3 smtp-sink back-ends on one bridge (namespaces)");
-    let lab = Lab::builder().backends(3).build()?;
+    let lbs = if ha { 2 } else { 1 };
+    println!("== building the lab: client, {lbs} LB node(s), 3 smtp-sink back-ends on one bridge (namespaces)");
+    let mut builder = Lab::builder().backends(3).lbs(lbs);
+    if ha {
+        // The client finds the VIP by ARP/ND, answered by whichever node is VRRP master.
+        builder = builder.vip_by_arp();
+    }
+    let lab = builder.build()?;
     println!("   prefix {}; namespaces: {}", lab.prefix(), lab.namespaces().join(" "));
     println!("== starting `mxlb run` on the LB node ({}; weights 100/200/300)", mode.as_str());
-    let node = MxlbNode::start(&lab, NodeOpts { mode, weights, ..Default::default() })?;
+    // With --ha: both VIPs in a sync group under VRRP, LB1 priority 150, LB2 100.
+    let vrrp = |priority: u8| {
+        let inst = |name: &str, vip: &str| lab::vrrp::VrrpOpts { name: name.into(), priority, vips: vec![vip.into()], ..Default::default() }.toml();
+        format!("{}{}[[vrrp_sync_group]]\nname = \"mail\"\ninstances = [\"smtp\", \"smtp6\"]\n", inst("smtp", "mx"), inst("smtp6", "mx6"))
+    };
+    let node = MxlbNode::start(&lab, NodeOpts { mode, weights: weights.clone(), extra: ha.then(|| vrrp(150)), ..Default::default() })?;
+    let backup = if ha {
+        println!("== starting `mxlb run` on LB2 (VRRP priority 100; LB1 has 150)");
+        let b = MxlbNode::start_on(&lab, 2, NodeOpts { mode, weights, extra: Some(vrrp(100)), ..Default::default() })?;
+        lab::vrrp::wait_vrrp(&node, "smtp", mxlb::vrrp::instance::State::Master, Duration::from_secs(5))?;
+        lab::vrrp::wait_backends_up(&node, Duration::from_secs(10))?;
+        Some(b)
+    } else {
+        None
+    };
     println!("   config {}:\n", node.config_path.display());
     for line in node.config_text().lines().filter(|l| !l.is_empty()) {
         println!("   | {line}");
@@ -118,6 +140,10 @@ fn demo(args: &[String]) -> Result<()> {
             );
         }
     }
+    if let Some(b) = &backup {
+        println!("\n== mxlb status on LB1 (master)\n{}", node.cli(&["status"])?);
+        println!("== mxlb status on LB2 (backup)\n{}", b.cli(&["status"])?);
+    }
     println!("\n== mxlb backend list\n{}", node.cli(&["backend", "list"])?);
     println!("== mxlb vip list\n{}", node.cli(&["vip", "list"])?);
     println!("== mxlb stats (1 s)\n{}", node.cli(&["stats", "--interval", "1"])?);
@@ -130,12 +156,18 @@ fn demo(args: &[String]) -> Result<()> {
     println!("   {mxlb} backend drain b3");
     println!("   ip netns exec {client} smtp-source -s 20 -m 1000 -l 1024 {}:25", lab.vip(AddrFamily::V4));
     println!("   {mxlb} stats");
+    if let Some(b) = &backup {
+        let lb2 = lab.lb_n(2).ns().name().to_string();
+        println!("   ip netns exec {lb} ip link set eth0 down     # LB1 dies: LB2 takes the VIPs in ~0.36 s");
+        println!("   {} --netns {lb2} --config {} status", bin.display(), b.config_path.display());
+    }
     match hold {
         Some(d) => println!("== holding for {} s (Ctrl-C stops earlier), then cleaning up", d.as_secs()),
         None => println!("== Ctrl-C stops the agent and removes the lab"),
     }
     lab::wait_for_interrupt(hold);
     println!("== cleaning up");
+    drop(backup);
     drop(node);
     drop(lab);
     println!("== done");
