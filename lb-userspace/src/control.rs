@@ -67,8 +67,10 @@ pub struct Controller {
     /// takes one out (a CLI writing the maps without an agent keeps them on standby: no VRRP
     /// runs, so this node is not the master).
     standby: BTreeSet<String>,
-    /// What the VRRP instances report, for `mxlb status` and metrics.
-    vrrp: Vec<crate::vrrp::InstanceStatus>,
+    /// What the VRRP instances report, for `mxlb status` and metrics. Shared, not behind the
+    /// controller's lock: VRRP updates it after every event and must never wait for a status
+    /// or metrics request that holds the controller while it reads the maps.
+    vrrp: crate::vrrp::StatusBoard,
 }
 
 impl Controller {
@@ -83,7 +85,7 @@ impl Controller {
         let standby = config.vrrp.iter().flat_map(|r| r.vips.iter().cloned()).collect();
         Ok(Controller {
             standby,
-            vrrp: Vec::new(),
+            vrrp: crate::vrrp::StatusBoard::default(),
             config,
             desired,
             maps,
@@ -255,7 +257,7 @@ impl Controller {
             Some(m) => m.reason_counters()?.into_iter().map(|(r, c)| (r.name().to_string(), c.packets)).collect(),
             None => Vec::new(),
         };
-        Ok(crate::metrics::Status { backends, vips, decisions, vrrp: self.vrrp.clone() })
+        Ok(crate::metrics::Status { backends, vips, decisions, vrrp: self.vrrp.read() })
     }
 
     /// VRRP: this node became master of `vips` (`active`) or stopped being it. Published at
@@ -280,9 +282,9 @@ impl Controller {
         self.standby.contains(vip)
     }
 
-    /// VRRP's report for `mxlb status` and metrics.
-    pub fn set_vrrp_status(&mut self, status: Vec<crate::vrrp::InstanceStatus>) {
-        self.vrrp = status;
+    /// Where VRRP posts its report for `mxlb status` and metrics.
+    pub fn vrrp_board(&self) -> crate::vrrp::StatusBoard {
+        self.vrrp.clone()
     }
 
     /// Back-ends of VIP `vip` that can take sessions per the probes (for VRRP tracking).

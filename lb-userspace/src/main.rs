@@ -747,8 +747,17 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     };
     let shed = tokio::spawn(mxlb::shed::serve(shed_listeners, wait_stop(stop_rx.clone())));
     // VRRP: the VIPs of `[[vrrp]]` instances stay on standby until this node is master.
-    let vrrp = mxlb::vrrp::runner::setup(&vrrp_config, controller.clone()).await.context("setting up VRRP")?;
-    let vrrp = tokio::spawn(vrrp.run(stop_rx.clone()));
+    let vrrp = match mxlb::vrrp::runner::start(vrrp_config, controller.clone(), stop_rx.clone()).await {
+        Ok(v) => v,
+        Err(e) => {
+            // A node that cannot take part in VRRP must not keep half a service up.
+            let _ = stop_tx.send(true);
+            for iface in &attached {
+                let _ = balancer.detach(iface);
+            }
+            return Err(e).context("setting up VRRP");
+        }
+    };
     let metrics = Arc::new(mxlb::metrics::Metrics::new());
     let prober = tokio::spawn(mxlb::prober::run(controller.clone(), health_settings, metrics.clone(), stop_rx.clone()));
     let metrics_server = node.metrics_listen.map(|addr| {
@@ -760,8 +769,8 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     let _ = stop_tx.send(true);
     // VRRP first: the priority-0 goodbye and the VIPs' release happen while the data path
     // still runs, so the backup takes over within Skew_Time.
-    if let Err(e) = vrrp.await {
-        warn!(error = %e, "vrrp task");
+    if tokio::task::spawn_blocking(move || vrrp.join()).await.map_or(true, |r| r.is_err()) {
+        warn!("the vrrp thread ended abnormally");
     }
     let _ = refresher.await;
     let _ = prober.await;

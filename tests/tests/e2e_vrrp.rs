@@ -403,3 +403,22 @@ fn ipv4_checksum_without_pseudo_header_is_a_setting() -> Result<()> {
     ensure!(st[0].dropped.get("checksum").copied().unwrap_or(0) > 0 && st[0].adverts_received == 0, "{st:?}");
     Ok(())
 }
+
+#[test]
+fn a_node_that_cannot_take_part_in_vrrp_refuses_to_start() -> Result<()> {
+    if !lab::require_root("a_node_that_cannot_take_part_in_vrrp_refuses_to_start") {
+        return Ok(());
+    }
+    let lab = lab(1)?;
+    uplink(&lab)?;
+    // VRRP on an interface without an IPv4 address to advertise from.
+    let bad = VrrpOpts { extra: "interface = \"uplink0\"\n".into(), ..Default::default() };
+    let err = match MxlbNode::start_on(&lab, 1, NodeOpts { extra: Some(bad.toml()), ..Default::default() }) {
+        Ok(_) => anyhow::bail!("mxlb run started without a usable VRRP interface"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(err.contains("setting up VRRP") && err.contains("uplink0 has no IPv4 address"), "{err}");
+    let link = lab.lb_n(1).ns().ip(&["-d", "link", "show", "dev", "eth0"])?;
+    ensure!(!link.contains("prog/xdp"), "the balancer stayed attached: {link}");
+    Ok(())
+}

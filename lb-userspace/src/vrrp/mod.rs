@@ -6,7 +6,11 @@
 //! - [`socket`]: sending and receiving advertisements (raw IP sockets, TTL 255);
 //! - [`announce`]: VIP addresses through rtnetlink, gratuitous ARP / unsolicited NA, link state;
 //! - [`runner`]: the task in `mxlb run` that ties them to the controller (the one map writer).
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
 pub mod announce;
 pub mod instance;
@@ -39,4 +43,17 @@ pub struct InstanceStatus {
     pub adverts_received: u64,
     /// Received packets dropped, by reason (ttl, checksum, version, unknown_vrid, ...).
     pub dropped: BTreeMap<String, u64>,
+}
+
+/// The instances' latest status, posted by the runner and read by `mxlb status` and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct StatusBoard(Arc<Mutex<Vec<InstanceStatus>>>);
+
+impl StatusBoard {
+    pub fn post(&self, status: Vec<InstanceStatus>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+    pub fn read(&self) -> Vec<InstanceStatus> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }

@@ -57,6 +57,41 @@ pub enum VrrpError {
     Setup { instance: String, message: String },
     #[error(transparent)]
     Socket(#[from] socket::SocketError),
+    #[error("vrrp thread: {0}")]
+    Thread(String),
+}
+
+/// Starts VRRP on a thread of its own, with its own single-threaded runtime, so that its timers
+/// and answers are never held up by health probes, agent queries or status requests on the
+/// main runtime (on a 2-core node they cost tens of milliseconds of takeover jitter). Returns
+/// once the instances are set up, or why they could not be; the thread ends after `stop`.
+pub async fn start(config: Config, controller: Arc<Mutex<Controller>>, stop: watch::Receiver<bool>) -> Result<std::thread::JoinHandle<()>, VrrpError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("mxlb-vrrp".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(VrrpError::Thread(format!("runtime: {e}"))));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match setup(&config, controller).await {
+                    Ok(vrrp) => {
+                        let _ = tx.send(Ok(()));
+                        vrrp.run(stop).await
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        })
+        .map_err(|e| VrrpError::Thread(e.to_string()))?;
+    rx.await.map_err(|_| VrrpError::Thread("ended during set-up".into()))??;
+    Ok(thread)
 }
 
 /// One instance with what it needs at run time.
@@ -218,7 +253,8 @@ pub async fn setup(config: &Config, controller: Arc<Mutex<Controller>>) -> Resul
             warned_addrs: BTreeSet::new(),
         });
     }
-    let node = Node { members, sockets, controller, groups: config.vrrp_sync_groups.iter().map(|g| (g.name.clone(), g.notify.clone())).collect() };
+    let board = controller.lock().await.vrrp_board();
+    let node = Node { members, sockets, controller, board, groups: config.vrrp_sync_groups.iter().map(|g| (g.name.clone(), g.notify.clone())).collect() };
     Ok(Vrrp { node })
 }
 
@@ -266,7 +302,7 @@ async fn run(mut node: Node, mut stop: watch::Receiver<bool>) {
         let actions = node.members[i].sm.start(now.into_std());
         node.execute(i, actions, true).await;
     }
-    node.publish_status().await;
+    node.publish_status();
 
     let mut track_tick = tokio::time::interval(TRACK_EVERY);
     track_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -278,7 +314,7 @@ async fn run(mut node: Node, mut stop: watch::Receiver<bool>) {
             _ = sleep_until(deadline) => node.on_timers().await,
             _ = track_tick.tick() => node.track().await,
         }
-        node.publish_status().await;
+        node.publish_status();
     }
     info!("vrrp stopping: handing the VIPs over");
     let now = Instant::now().into_std();
@@ -286,7 +322,7 @@ async fn run(mut node: Node, mut stop: watch::Receiver<bool>) {
         let actions = node.members[i].sm.shutdown(now);
         node.execute(i, actions, false).await;
     }
-    node.publish_status().await;
+    node.publish_status();
     for r in receivers {
         r.abort();
     }
@@ -303,6 +339,7 @@ struct Node {
     members: Vec<Member>,
     sockets: Vec<Arc<VrrpSocket>>,
     controller: Arc<Mutex<Controller>>,
+    board: super::StatusBoard,
     /// Sync groups: name and notify hook.
     groups: Vec<(String, Option<PathBuf>)>,
 }
@@ -512,7 +549,7 @@ impl Node {
         }
     }
 
-    async fn publish_status(&mut self) {
+    fn publish_status(&mut self) {
         let status: Vec<InstanceStatus> = self
             .members
             .iter_mut()
@@ -523,7 +560,7 @@ impl Node {
                 m.status.clone()
             })
             .collect();
-        self.controller.lock().await.set_vrrp_status(status);
+        self.board.post(status);
     }
 }
 
