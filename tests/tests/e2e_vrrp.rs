@@ -422,3 +422,28 @@ fn a_node_that_cannot_take_part_in_vrrp_refuses_to_start() -> Result<()> {
     ensure!(!link.contains("prog/xdp"), "the balancer stayed attached: {link}");
     Ok(())
 }
+
+#[test]
+fn the_master_repeats_and_refreshes_its_announcements() -> Result<()> {
+    if !lab::require_root("the_master_repeats_and_refreshes_its_announcements") {
+        return Ok(());
+    }
+    let lab = lab(1)?;
+    let cap = lab::capture::WireCapture::segment(&lab)?;
+    let n1 = node(&lab, 1, &[VrrpOpts { extra: "garp_repeat = 3\ngarp_refresh_ms = 1000\n".into(), ..Default::default() }])?;
+    wait_vrrp(&n1, "smtp", State::Master, Duration::from_secs(3))?;
+    let became = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(3500));
+    let (mac, vip) = (lab.lb_n(1).mac(), lab.vip(AddrFamily::V4));
+    let garps: Vec<Duration> = cap.events().iter().filter(|e| e.is_announcement(mac, vip)).map(|e| e.at).collect();
+    let start = cap.at(became).saturating_sub(Duration::from_millis(500));
+    let garps: Vec<Duration> = garps.into_iter().filter(|t| *t >= start).collect();
+    // A burst of 3 on becoming master, then one a second (the second burst comes at 5 s).
+    ensure!(garps.len() >= 3 + 2 && garps.len() <= 3 + 4, "announcements at {garps:?}");
+    ensure!(garps[2] - garps[0] < Duration::from_millis(200), "the first 3 form a burst: {garps:?}");
+    for w in garps[3..].windows(2) {
+        let gap = w[1] - w[0];
+        ensure!(gap > Duration::from_millis(800) && gap < Duration::from_millis(1300), "refresh every ~1 s: {garps:?}");
+    }
+    Ok(())
+}
