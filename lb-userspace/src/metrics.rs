@@ -187,14 +187,12 @@ impl Collector for StatusCollector {
         for (reason, n) in &s.decisions {
             ConstCounter::new(*n).encode(me.encode_family(&[("reason", reason.as_str())])?)?;
         }
-        drop(me);
         let mut me = encoder.encode_descriptor("vrrp_state", "1 for the VRRP instance's state", None, MetricType::Gauge)?;
         for r in &s.vrrp {
             for st in ["MASTER", "BACKUP", "FAULT", "STOP"] {
                 ConstGauge::new((r.state.name() == st) as i64).encode(me.encode_family(&[("instance", r.name.as_str()), ("state", st)])?)?;
             }
         }
-        drop(me);
         type VrrpPick = fn(&crate::vrrp::InstanceStatus) -> u64;
         let vrrp_gauges: [(&str, &str, VrrpPick); 2] = [
             ("vrrp_priority", "Effective VRRP priority (configured, adjusted by tracking)", |r| r.priority as u64),
