@@ -28,8 +28,9 @@ const DEFAULT_CONFIG: &str = "/etc/mxlb/mxlb.toml";
     about = "Kernel-assisted (XDP) load balancer for mail clusters",
     long_about = "mxlb balances SMTP, submission, POP3 and IMAP connections across mail servers with an XDP \
 program (weighted Maglev, connection tracking, direct server return). `mxlb run` loads and attaches it and \
-keeps its maps in step with the config; the other commands change or show the running state, whether or \
-not the agent runs (changes are kept across restarts).",
+keeps its maps in step with the config, and holds the VIPs together with other LB nodes over VRRPv3 \
+(keepalived-compatible); the other commands change or show the running state, whether or not the agent runs \
+(changes are kept across restarts).",
     after_help = "Config: --config FILE, else $MXLB_CONFIG, else /etc/mxlb/mxlb.toml, else the embedded default \
 (the lab topology of `cargo xtask run`; see mxlb.example.toml)."
 )]
@@ -48,7 +49,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load and attach the balancer, apply the config, run until SIGTERM/SIGINT.
+    /// Load and attach the balancer, apply the config, run VRRP with the other LB nodes
+    /// (`[[vrrp]]`), until SIGTERM/SIGINT (a VRRP master then hands its VIPs over at once).
     Run {
         /// Leave the program attached on exit (for restarts and upgrades: traffic keeps flowing
         /// on the pinned maps while the agent is down).
@@ -67,7 +69,8 @@ enum Command {
     #[command(subcommand)]
     Backend(BackendCommand),
     /// The running agent at a glance: each back-end's state, health, weights, load and probe
-    /// time, and the data path's decisions (needs `mxlb run`).
+    /// time, each VRRP instance's state and priority, and the data path's decisions (needs
+    /// `mxlb run`).
     Status {
         #[arg(long)]
         json: bool,
