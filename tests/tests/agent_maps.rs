@@ -139,7 +139,8 @@ fn applied_plan_is_what_the_data_path_reads_and_survives_restart() {
     // A VIP on VRRP standby keeps its ports' entries (ids, rings) with the STANDBY flag and
     // loses its address marker; back to active, both return.
     let standby: std::collections::BTreeSet<String> = ["mx".to_string()].into();
-    maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &standby)).unwrap();
+    let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &standby)).unwrap();
+    assert_eq!((r.ring_slots_written, r.rings_switched), (0, 0), "a hand-over does not touch the tables: {r:?}");
     let snap = maps.snapshot().unwrap();
     let mx = |snap: &mxlb::maps::Snapshot| -> Vec<(u16, u8)> {
         let addr = addr_to_key("198.18.0.100".parse().unwrap());
