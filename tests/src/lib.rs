@@ -26,7 +26,9 @@ pub use lab::topology::{
     PeerPort, Role, VIP4, VIP6,
 };
 pub mod capture;
+pub mod cpu;
 pub mod frames;
+pub mod haproxy;
 pub mod keepalived;
 pub mod node;
 pub mod sessions;
