@@ -39,24 +39,41 @@ use crate::{AddrFamily, Daemon, Host, Lab, run_checked};
 /// test never runs a stale agent (`cargo test -p mxlb-tests` alone would not rebuild it).
 /// `cargo xtask run/bench` build it before starting `mxlb-lab`.
 pub fn mxlb_bin() -> Result<PathBuf> {
-    static BUILT: std::sync::OnceLock<std::result::Result<PathBuf, String>> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| locate_and_build().map_err(|e| format!("{e:#}")))
+    workspace_bin("lb-userspace", "mxlb", false)
+}
+
+/// Path of binary `bin` of workspace package `package`, in the profile of the running test or
+/// tool (or in release when `release`), built once per process first when run under cargo.
+pub fn workspace_bin(package: &str, bin: &str, release: bool) -> Result<PathBuf> {
+    type Built = std::collections::HashMap<(String, bool), std::result::Result<PathBuf, String>>;
+    static BUILT: std::sync::Mutex<Option<Built>> = std::sync::Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    built
+        .get_or_insert_with(Default::default)
+        .entry((format!("{package}/{bin}"), release))
+        .or_insert_with(|| locate_and_build(package, bin, release).map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
 }
 
-fn locate_and_build() -> Result<PathBuf> {
+fn locate_and_build(package: &str, name: &str, release: bool) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
     // target/<profile>/deps/<test> or target/<profile>/<bin>
     let mut dir = exe.parent().context("exe dir")?.to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let bin = dir.join("mxlb");
+    let release = release || dir.ends_with("release");
+    if release && !dir.ends_with("release") {
+        dir = dir.parent().context("target dir")?.join("release");
+    }
+    let bin = dir.join(name);
     if let Some(cargo) = std::env::var_os("CARGO") {
         let mut c = Command::new(cargo);
-        c.args(["build", "--quiet", "-p", "lb-userspace", "--bin", "mxlb"]);
+        c.args(["build", "--quiet", "-p", package, "--bin", name]);
+        if release {
+            c.arg("--release");
+        }
         // The variables cargo sets for this test's own crate would leak into build scripts of
         // the nested build (ring's reruns when they change), rebuilding half the tree each
         // time `cargo test` and a plain build take turns.
@@ -69,16 +86,13 @@ fn locate_and_build() -> Result<PathBuf> {
                 c.env_remove(k.as_ref());
             }
         }
-        if dir.ends_with("release") {
-            c.arg("--release");
-        }
-        let out = c.output().context("building mxlb")?;
+        let out = c.output().with_context(|| format!("building {name}"))?;
         if !out.status.success() {
-            bail!("building mxlb failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            bail!("building {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
         }
     }
     if !bin.exists() {
-        bail!("{} is missing: run `cargo build -p lb-userspace`", bin.display());
+        bail!("{} is missing: run `cargo build{} -p {package}`", bin.display(), if release { " --release" } else { "" });
     }
     Ok(bin)
 }
