@@ -74,13 +74,21 @@ fn agent_queue_drains_a_backend_with_hysteresis_and_scales_its_weight() {
     // 60 queued (>= 50): drained.
     fill(&active, 60);
     wait_state(&node, "b1", "draining", Duration::from_secs(10)).unwrap_or_else(|| panic!("never drained:\n{}", node.log()));
-    assert!(node.log().contains("queue 60 >= 50"), "{}", node.log());
+    // The agent may count the queue while it is being filled: any count from 50 to 60 is right.
+    let drain_reason = |r: &str| {
+        r.strip_prefix("queue ").and_then(|x| x.split(' ').next()).and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| (50..=60).contains(&n)) && r.ends_with(">= 50")
+    };
+    assert!(
+        node.log().lines().any(|l| l.contains("draining") && l.split("reason=").nth(1).is_some_and(|r| drain_reason(r.trim_matches('"')))),
+        "{}",
+        node.log()
+    );
 
     // `mxlb status` and the Prometheus endpoint say why.
     let st: serde_json::Value = serde_json::from_str(&node.cli(&["status", "--json"]).unwrap()).unwrap();
     let b1_status = st["backends"].as_array().unwrap().iter().find(|b| b["name"] == "b1").unwrap().clone();
     assert_eq!(b1_status["state"], "draining", "{b1_status}");
-    assert_eq!(b1_status["overloaded"], "queue 60 >= 50", "{b1_status}");
+    assert!(drain_reason(b1_status["overloaded"].as_str().unwrap_or("")), "{b1_status}");
     assert!(b1_status["probe_ms"].as_f64().is_some(), "{b1_status}");
     let scrape = scrape(&lab, metrics_addr);
     for want in [
