@@ -277,11 +277,6 @@ impl Controller {
         self.publish()
     }
 
-    /// Whether a VIP is on standby (another node is the VRRP master).
-    pub fn is_standby(&self, vip: &str) -> bool {
-        self.standby.contains(vip)
-    }
-
     /// Where VRRP posts its report for `mxlb status` and metrics.
     pub fn vrrp_board(&self) -> crate::vrrp::StatusBoard {
         self.vrrp.clone()

@@ -455,54 +455,12 @@ impl Node {
         for action in actions {
             match action {
                 Action::Advertise { priority } => self.advertise(i, priority).await,
-                Action::TakeAddresses => {
-                    let (vips, iface, addrs) = {
-                        let m = &self.members[i];
-                        (m.cfg.vips.clone(), m.iface.clone(), m.addrs.clone())
-                    };
-                    if let Err(e) = self.controller.lock().await.set_vips_active(&vips, true) {
-                        warn!(error = %e, "vrrp: enabling the VIPs in the data path failed");
-                    }
-                    for a in &addrs {
-                        if let Err(e) = announce::add_address(&iface, *a).await {
-                            warn!(error = %e, "vrrp: adding the VIP address failed");
-                        }
-                    }
-                    let m = &mut self.members[i];
-                    let repeat = m.cfg.garp_repeat;
-                    let (ifc, ads) = (iface.clone(), addrs.clone());
-                    if let Some(a) = m.announcer.take() {
-                        a.abort();
-                    }
-                    m.announcer = Some(tokio::spawn(async move {
-                        announce_burst(&ifc, &ads, repeat).await;
-                        tokio::time::sleep(SECOND_BURST).await;
-                        announce_burst(&ifc, &ads, repeat).await;
-                    }));
-                    m.next_refresh = refresh_after(&m.cfg, Instant::now());
-                }
+                Action::TakeAddresses => self.hand_over(i, true).await,
                 Action::Reannounce => {
                     let m = &self.members[i];
                     spawn_announce(&m.iface, &m.addrs, m.cfg.garp_repeat.max(1));
                 }
-                Action::ReleaseAddresses => {
-                    let (vips, iface, addrs) = {
-                        let m = &mut self.members[i];
-                        if let Some(a) = m.announcer.take() {
-                            a.abort();
-                        }
-                        m.next_refresh = None;
-                        (m.cfg.vips.clone(), m.iface.clone(), m.addrs.clone())
-                    };
-                    if let Err(e) = self.controller.lock().await.set_vips_active(&vips, false) {
-                        warn!(error = %e, "vrrp: putting the VIPs on standby failed");
-                    }
-                    for a in &addrs {
-                        if let Err(e) = announce::remove_address(&iface, *a).await {
-                            warn!(error = %e, "vrrp: removing the VIP address failed");
-                        }
-                    }
-                }
+                Action::ReleaseAddresses => self.hand_over(i, false).await,
                 Action::Transition { from, to } => {
                     let group = {
                         let m = &mut self.members[i];
@@ -529,6 +487,39 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Takes (`take`) or releases member `i`'s VIPs. Taking enables them in the data path
+    /// before adding the addresses, so the first packet the announcements attract is balanced,
+    /// then starts the announcements; releasing stops those first.
+    async fn hand_over(&mut self, i: usize, take: bool) {
+        let m = &mut self.members[i];
+        if let Some(a) = m.announcer.take() {
+            a.abort();
+        }
+        m.next_refresh = None;
+        let (vips, iface, addrs) = (m.cfg.vips.clone(), m.iface.clone(), m.addrs.clone());
+        if let Err(e) = self.controller.lock().await.set_vips_active(&vips, take) {
+            let what = if take { "enabling the VIPs in the data path" } else { "putting the VIPs on standby" };
+            warn!(error = %e, "vrrp: {what} failed");
+        }
+        for a in &addrs {
+            let changed = if take { announce::add_address(&iface, *a).await } else { announce::remove_address(&iface, *a).await };
+            if let Err(e) = changed {
+                let what = if take { "adding" } else { "removing" };
+                warn!(error = %e, "vrrp: {what} the VIP address failed");
+            }
+        }
+        if take {
+            let m = &mut self.members[i];
+            let repeat = m.cfg.garp_repeat;
+            m.announcer = Some(tokio::spawn(async move {
+                announce_burst(&iface, &addrs, repeat).await;
+                tokio::time::sleep(SECOND_BURST).await;
+                announce_burst(&iface, &addrs, repeat).await;
+            }));
+            m.next_refresh = refresh_after(&m.cfg, Instant::now());
         }
     }
 
