@@ -175,18 +175,7 @@ pub fn haproxy_bin() -> Result<PathBuf> {
 /// Is something LISTENing on `addr` in the calling thread's namespace
 /// (`/proc/thread-self/net/tcp{,6}`)?
 fn listening(addr: SocketAddr) -> bool {
-    let (table, port) = match addr {
-        SocketAddr::V4(_) => ("tcp", addr.port()),
-        SocketAddr::V6(_) => ("tcp6", addr.port()),
-    };
-    let Ok(s) = std::fs::read_to_string(format!("/proc/thread-self/net/{table}")) else {
-        return false;
-    };
-    let want = format!(":{port:04X}");
-    s.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
-    })
+    crate::lab::smtp::listening(if addr.is_ipv4() { "tcp" } else { "tcp6" }, addr.port())
 }
 
 /// A HAProxy in `mode tcp` on the lab's LB node. Dropping it stops it (SIGTERM, then SIGKILL

@@ -548,43 +548,10 @@ mod tests {
                 && !v4.contains("2001:"),
             "{c}"
         );
-        assert!(
-            config_text(
-                "r",
-                "eth0",
-                own,
-                &KeepalivedOpts {
-                    advert_int_ms: 105,
-                    ..Default::default()
-                }
-            )
-            .is_err()
-        );
-        assert!(
-            config_text(
-                "r",
-                "eth0",
-                own,
-                &KeepalivedOpts {
-                    vips: vec![],
-                    ..Default::default()
-                }
-            )
-            .is_err()
-        );
-        assert!(
-            config_text(
-                "r",
-                "eth0",
-                own,
-                &KeepalivedOpts {
-                    nopreempt: true,
-                    state_backup: false,
-                    ..Default::default()
-                }
-            )
-            .is_err()
-        );
+        let rejected = |opts: KeepalivedOpts| config_text("r", "eth0", own, &opts).is_err();
+        assert!(rejected(KeepalivedOpts { advert_int_ms: 105, ..Default::default() }));
+        assert!(rejected(KeepalivedOpts { vips: vec![], ..Default::default() }));
+        assert!(rejected(KeepalivedOpts { nopreempt: true, state_backup: false, ..Default::default() }));
     }
 
     #[test]

@@ -207,7 +207,9 @@ impl SmtpSink {
 
 /// Is something LISTENing on `port` in `/proc/thread-self/net/{tcp,tcp6}` (of the calling
 /// thread's namespace)?
-fn listening(table: &str, port: u16) -> bool {
+/// Whether a TCP socket listens on `port` in the calling thread's namespace (`table` is
+/// `tcp` or `tcp6`, as in /proc/net).
+pub(crate) fn listening(table: &str, port: u16) -> bool {
     let Ok(s) = std::fs::read_to_string(format!("/proc/thread-self/net/{table}")) else {
         return false;
     };
