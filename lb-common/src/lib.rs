@@ -28,6 +28,19 @@ pub const CONNTRACK_DEFAULT_SIZE: u32 = 262_144;
 /// Hash map [`VipKey`] → [`VipMeta`]: which (address, port, protocol) the data path balances.
 /// An entry with port 0 marks the address itself as a VIP (used to drop fragments sent to it).
 pub const MAP_VIPS: &str = "MXLB_VIPS";
+/// Array [`VipMeta::id`] → [`VipSlot`]: the [`MAP_VIPS`] entry that owns each id, so a packet
+/// whose flow is in [`MAP_CONNTRACK`] finds its VIP's mode and flags with an array lookup
+/// instead of a second hash lookup (the established fast path costs one hash lookup). Id 0
+/// (the address markers) and unused ids are all zero.
+pub const MAP_VIP_SLOTS: &str = "MXLB_VIP_SLOTS";
+/// Array of [`VIP_FILTER_BITS`]` / 64` `u64` words: bit [`vip_filter_bit`] of every VIP
+/// address is set. A clear bit means "certainly not a VIP", so transit traffic through the
+/// node costs one array lookup instead of a conntrack and a VIP hash lookup; a set bit may be
+/// a collision, and the hash maps decide.
+pub const MAP_VIP_FILTER: &str = "MXLB_VIP_FILTER";
+/// Bits in [`MAP_VIP_FILTER`] (a power of two: 8 KiB, so a few hundred VIP addresses leave
+/// it almost empty).
+pub const VIP_FILTER_BITS: u32 = 65_536;
 /// Array `u32` id → [`Backend`].
 pub const MAP_BACKENDS: &str = "MXLB_BACKENDS";
 /// Array of `MAX_RINGS * RING_SIZE` back-end ids: ring `r` occupies `[r*RING_SIZE, (r+1)*RING_SIZE)`.
@@ -149,6 +162,18 @@ pub struct VipMeta {
     /// group's minimum ([`MAP_GROUPS`]), so a premium group keeps service longest.
     pub capacity: u8,
     pub _pad: u8,
+}
+
+/// Value of [`MAP_VIP_SLOTS`]: a [`MAP_VIPS`] entry stored under its id.
+///
+/// The data path uses a slot only when `key` is the packet's own VIP address and port, so a
+/// conntrack entry left over from a removed VIP whose id went to another VIP never borrows
+/// that VIP's mode or flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipSlot {
+    pub key: VipKey,
+    pub meta: VipMeta,
 }
 
 /// Value of [`MAP_BACKENDS`].
@@ -377,6 +402,21 @@ pub fn flow_hash_words(words: &[u32; 10]) -> u32 {
     h ^ (h >> 16)
 }
 
+/// The [`MAP_VIP_FILTER`] bit of an address given as its four 32-bit words in memory order
+/// (little-endian): a multiplicative (Fibonacci) hash of the rotated words.
+#[inline(always)]
+pub fn vip_filter_bit(addr: [u32; 4]) -> u32 {
+    let x = addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+    x.wrapping_mul(0x9e37_79b1) >> (32 - VIP_FILTER_BITS.trailing_zeros())
+}
+
+/// [`vip_filter_bit`] of a 16-byte map-encoded address (IPv4-mapped for IPv4).
+#[inline(always)]
+pub fn vip_filter_bit_of(addr: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    vip_filter_bit([w(0), w(4), w(8), w(12)])
+}
+
 /// Port as stored in map keys (network byte order) from a host-order port.
 pub const fn port_to_key(port: u16) -> u16 {
     port.to_be()
@@ -396,6 +436,7 @@ mod user {
     // explicit padding fields, so every bit pattern is valid and there are no uninit bytes.
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for VipSlot {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
@@ -437,6 +478,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<VipKey>(), 20);
         assert_eq!(core::mem::size_of::<VipMeta>(), 12);
+        assert_eq!(core::mem::size_of::<VipSlot>(), 32);
         assert_eq!(core::mem::size_of::<Backend>(), 24);
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<FlowState>(), 8);
@@ -445,7 +487,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<PrefixKey>(), 20);
         assert_eq!(core::mem::size_of::<EdgeLimits>(), 8);
         assert_eq!(core::mem::size_of::<SynBucket>(), 16);
-        for name in [MAP_BLOCK, MAP_ALLOW, MAP_SYN_BUCKETS, MAP_EDGE_CONFIG] {
+        for name in [MAP_BLOCK, MAP_ALLOW, MAP_SYN_BUCKETS, MAP_EDGE_CONFIG, MAP_VIP_SLOTS, MAP_VIP_FILTER] {
             assert!(name.len() <= 15, "{name}: BPF map names hold 15 characters");
         }
     }

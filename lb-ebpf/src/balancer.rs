@@ -8,10 +8,10 @@ use lb_common::{
 
 use crate::{
     edge, encap,
-    maps::{BACKEND_STATS, BACKENDS, CONNTRACK, RINGS, VIP_STATS, VIPS, count, count_reason},
+    maps::{BACKEND_STATS, BACKENDS, CONNTRACK, RINGS, VIP_SLOTS, VIP_STATS, VIPS, count, count_reason, maybe_vip},
     parse::{
-        ETH_P_IP, ETH_P_IPV6, Key, Res, TCP_ACK, TCP_RST, TCP_SYN, Verdict, VipKeyWords, frame_len,
-        parse_l2, parse_v4, parse_v6, ptr_at,
+        ETH_P_IP, ETH_P_IPV6, Key, L2, Pkt, Res, TCP_ACK, TCP_RST, TCP_SYN, Verdict, VipKeyWords,
+        frame_len, parse_l2, parse_v4, parse_v6, ptr_at,
     },
 };
 
@@ -45,26 +45,92 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
         ETH_P_IPV6 => parse_v6(ctx, l2.l3)?,
         _ => return Ok(Verdict::pass(Reason::PassNonIp)),
     };
-    // Port 0 is the address-level marker, never a VIP:port.
-    if pkt.key.dport() == 0 {
+    // Port 0 is the address-level marker, never a VIP:port. Transit traffic stops at the
+    // filter, before any hash lookup.
+    if pkt.key.dport() == 0 || !maybe_vip(pkt.key.dst()) {
         return Ok(Verdict::pass(Reason::PassNonVip));
     }
     // For ICMP errors the VIP is the quoted packet's source, i.e. the reversed key's dst.
     let vkey = VipKeyWords::tcp(pkt.key.dst(), pkt.key.dport());
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // Conntrack first: a SYN always selects afresh, anything else may belong to a tracked
+    // flow. This is the only conntrack lookup of the packet; `choose` reuses its result.
+    let flow = if syn { None } else { CONNTRACK.get_ptr(pkt.key.flow_key()) };
+    let (meta, choice) = match flow.and_then(|st| tracked(st, &vkey)) {
+        Some(hit) => hit,
+        None => {
+            let meta = match vip(&pkt, &vkey, syn, len) {
+                Ok(meta) => meta,
+                Err(v) => return Ok(v),
+            };
+            let rst = pkt.tcp_flags & TCP_RST != 0;
+            match choose(&pkt.key, &meta, flow, syn, !rst && !pkt.icmp, !pkt.icmp) {
+                Ok(c) => (meta, c),
+                Err(v) => {
+                    count(&VIP_STATS, meta.id, len, 0);
+                    return Err(v);
+                }
+            }
+        }
+    };
+    forward(ctx, &l2, &pkt, &meta, &choice, len)
+}
+
+/// The established fast path: a conntrack entry whose VIP slot is this packet's VIP:port, in
+/// a DSR mode, not on standby, pinned to a back-end that is UP or DRAINING. Anything else
+/// (`None`) takes the full path through `MXLB_VIPS`, which decides it exactly as if this
+/// shortcut did not exist: standby passes, a dead back-end is replaced from the ring, a slot
+/// that belongs to another VIP (ids are reused after a removal) is ignored.
+#[inline(always)]
+fn tracked(st: *const FlowState, vkey: &VipKeyWords) -> Option<(VipMeta, Choice)> {
+    // SAFETY: pointer from a successful map lookup.
+    let (id, vip_id) = unsafe { ((*st).backend, (*st).vip) };
+    let slot = VIP_SLOTS.get_ptr(vip_id)?;
+    // SAFETY: pointer from a successful map lookup; the slot's key is its first 20 bytes,
+    // and array values are 8-byte aligned.
+    let owner = unsafe { &*(slot as *const VipKeyWords) };
+    if !owner.same_as(vkey) {
+        return None;
+    }
+    // SAFETY: as above.
+    let meta = unsafe { (*slot).meta };
+    if meta.flags & vip_flags::STANDBY != 0 || (meta.mode != mode::DSR_L2 && meta.mode != mode::DSR_IPIP) {
+        return None;
+    }
+    let backend = BACKENDS.get_ptr(id)?;
+    // SAFETY: as above.
+    let state = unsafe { (*backend).state };
+    if state != state::UP && state != state::DRAINING {
+        return None;
+    }
+    Some((
+        meta,
+        Choice {
+            id,
+            backend,
+            new_flow: false,
+            hash: 0,
+        },
+    ))
+}
+
+/// The VIP entry of a packet that is not on the fast path, after the checks that come before
+/// back-end selection: standby, edge protection, local mode. `Err` is the final verdict.
+#[inline(always)]
+fn vip(pkt: &Pkt, vkey: &VipKeyWords, syn: bool, len: u64) -> Result<VipMeta, Verdict> {
     let meta: VipMeta = match VIPS.get_ptr(vkey.vip_key()) {
         // SAFETY: pointer from a successful map lookup.
         Some(m) => unsafe { *m },
-        None => return Ok(Verdict::pass(Reason::PassNonVip)),
+        None => return Err(Verdict::pass(Reason::PassNonVip)),
     };
     // Another LB node is the VRRP master for this VIP: not ours to balance (nor to count
     // against the sender's SYN bucket).
     if meta.flags & vip_flags::STANDBY != 0 {
         count(&VIP_STATS, meta.id, len, 0);
-        return Ok(Verdict::pass(Reason::PassStandby));
+        return Err(Verdict::pass(Reason::PassStandby));
     }
     // Edge protection ([`edge`]): SYNs only, after the VIP lookup (non-VIP traffic never
     // pays for it), before the mode (local VIPs are protected too). ICMP has no flags.
-    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if syn {
         if let Err(v) = edge::check_syn(&pkt.key, pkt.v6) {
             count(&VIP_STATS, meta.id, len, 0);
@@ -73,21 +139,17 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
     }
     if meta.mode == mode::LOCAL {
         count(&VIP_STATS, meta.id, len, 0);
-        return Ok(Verdict::pass(Reason::PassLocal));
+        return Err(Verdict::pass(Reason::PassLocal));
     }
     if meta.mode != mode::DSR_L2 && meta.mode != mode::DSR_IPIP {
-        return Ok(Verdict::pass(Reason::PassNonVip));
+        return Err(Verdict::pass(Reason::PassNonVip));
     }
+    Ok(meta)
+}
 
-    let rst = pkt.tcp_flags & TCP_RST != 0;
-    let choice = match choose(&pkt.key, &meta, syn, !rst && !pkt.icmp, !pkt.icmp) {
-        Ok(c) => c,
-        Err(v) => {
-            count(&VIP_STATS, meta.id, len, 0);
-            return Err(v);
-        }
-    };
-
+/// Sends the packet to the chosen back-end in the VIP's mode and counts it.
+#[inline(always)]
+fn forward(ctx: &XdpContext, l2: &L2, pkt: &Pkt, meta: &VipMeta, choice: &Choice, len: u64) -> Res<Verdict> {
     let v = if meta.mode == mode::DSR_L2 {
         rewrite_l2(ctx, choice.backend)
     } else {
@@ -128,28 +190,27 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
     }
 }
 
-/// Conntrack first (unless SYN), else the VIP's ring; `insert` stores a ring choice.
+/// Conntrack (`flow`, looked up by the caller unless SYN), else the VIP's ring; `insert`
+/// stores a ring choice.
 ///
 /// The flow hash is only computed for the ring: an established flow never needs it (dsr-l2).
 /// `tcp`: the packet is a segment of the flow (not an ICMP error about it), so a non-SYN that
 /// would start a flow from the ring is subject to the block list (SYNs were checked before).
 #[inline(always)]
-fn choose(key: &Key, meta: &VipMeta, syn: bool, insert: bool, tcp: bool) -> Res<Choice> {
-    if !syn {
-        if let Some(st) = CONNTRACK.get_ptr(key.flow_key()) {
-            // SAFETY: pointer from a successful map lookup.
-            let id = unsafe { (*st).backend };
-            if let Some(b) = BACKENDS.get_ptr(id) {
-                // SAFETY: as above.
-                let st = unsafe { (*b).state };
-                if st == state::UP || st == state::DRAINING {
-                    return Ok(Choice {
-                        id,
-                        backend: b,
-                        new_flow: false,
-                        hash: 0,
-                    });
-                }
+fn choose(key: &Key, meta: &VipMeta, flow: Option<*const FlowState>, syn: bool, insert: bool, tcp: bool) -> Res<Choice> {
+    if let Some(st) = flow {
+        // SAFETY: pointer from a successful map lookup.
+        let id = unsafe { (*st).backend };
+        if let Some(b) = BACKENDS.get_ptr(id) {
+            // SAFETY: as above.
+            let st = unsafe { (*b).state };
+            if st == state::UP || st == state::DRAINING {
+                return Ok(Choice {
+                    id,
+                    backend: b,
+                    new_flow: false,
+                    hash: 0,
+                });
             }
         }
     }

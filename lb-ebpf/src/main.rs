@@ -3,15 +3,17 @@
 //! Three programs share one object and one set of maps (all pinned by name, see [`maps`]):
 //!
 //! - `mxlb_balancer` ([`balancer`]): the load balancer. Parses Ethernet (+ one 802.1Q tag),
-//!   IPv4/IPv6 and TCP, looks the destination up in the VIP table, picks a back-end (conntrack,
-//!   else the VIP's Maglev ring) and forwards in direct-server-return mode, either by rewriting
-//!   MACs (`dsr-l2`) or by prepending an outer IP header (`dsr-ipip`, [`encap`]).
+//!   IPv4/IPv6 and TCP, lets transit traffic go after one bit test (`MXLB_VIP_FILTER`), picks a
+//!   back-end (conntrack, else the VIP table and the VIP's Maglev ring) and forwards in
+//!   direct-server-return mode, either by rewriting MACs (`dsr-l2`) or by prepending an outer
+//!   IP header (`dsr-ipip`, [`encap`]).
 //! - `mxlb_decap` ([`decap`]): runs on back-ends and strips the outer header again.
 //! - `mxlb_pass`: a trivial XDP_PASS (benchmark baseline, veth-peer helper).
 //!
 //! Every decision increments one [`lb_common::Reason`] slot, so `mxlb stats` can explain any
 //! packet. All parsing goes through the single bounds-checked [`parse::ptr_at`]; there are no
-//! loops over back-ends, and the cost per packet is fixed (a handful of map lookups).
+//! loops over back-ends, and the cost per packet is fixed (a handful of map lookups, at most one
+//! of them a hash lookup for transit traffic and established flows).
 //!
 //! # Design decisions
 //!
@@ -36,6 +38,16 @@
 //!   an extension header (hop-by-hop, routing, destination options, AH, ESP, mobility, HIP,
 //!   shim6, experimental) is passed untouched (`pass_ipv6_ext`), except the Fragment header
 //!   (see above). To other addresses it is `pass_non_vip`.
+//! - **Cost per packet: at most one hash lookup for the common cases.** Transit traffic (a
+//!   destination whose `MXLB_VIP_FILTER` bit is clear) is passed after an array lookup. A
+//!   segment of a tracked flow (the *established fast path*) is forwarded after one conntrack
+//!   lookup: the flow's `FlowState::vip` id leads, through the `MXLB_VIP_SLOTS` array, to its
+//!   VIP's mode and flags, so `MXLB_VIPS` is not consulted. The slot is used only if it holds
+//!   the packet's own VIP:port (ids are reused after a VIP is removed), is in a DSR mode and
+//!   not on standby, and the back-end is UP or DRAINING; otherwise the packet takes the full
+//!   path, which decides it exactly as if the shortcut did not exist. `MXLB_VIPS` stays the
+//!   authority: userspace fills a slot after its entry exists and empties it before the entry
+//!   goes, and sets a filter bit before and clears it after.
 //! - **SYN, RST and conntrack.** A SYN (SYN set, ACK clear) always selects afresh from the ring
 //!   and overwrites any conntrack entry, so a reused 4-tuple follows the current ring. A packet
 //!   with RST is never inserted (an existing entry is used; otherwise the ring decides and

@@ -7,15 +7,37 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, CONNTRACK_DEFAULT_SIZE, Counters, EdgeLimits, FlowKey, FlowState, LbConfig,
+    Backend, VipSlot, CONNTRACK_DEFAULT_SIZE, Counters, EdgeLimits, FlowKey, FlowState, LbConfig,
     MAX_BACKENDS, MAX_PREFIXES, MAX_RINGS, MAX_VIPS, REASON_SLOTS, RING_SIZE, Reason,
-    SYN_BUCKETS_SIZE, SynBucket, VipKey, VipMeta,
+    SYN_BUCKETS_SIZE, SynBucket, VIP_FILTER_BITS, VipKey, VipMeta, vip_filter_bit,
 };
 
 /// `MXLB_VIPS`: (address, port, protocol) → VIP metadata. A port-0 entry marks the address
 /// itself as a VIP (fragments to it are dropped, extension headers reported as such).
 #[map(name = "MXLB_VIPS")]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::pinned(MAX_VIPS, 0);
+
+/// `MXLB_VIP_SLOTS`: [`VipMeta::id`] → the `MXLB_VIPS` entry that owns it, for the
+/// established fast path (conntrack hit → VIP mode and flags without a second hash lookup).
+#[map(name = "MXLB_VIP_SLOTS")]
+pub static VIP_SLOTS: Array<VipSlot> = Array::pinned(MAX_VIPS, 0);
+
+/// `MXLB_VIP_FILTER`: one bit per VIP address (see [`maybe_vip`]).
+#[map(name = "MXLB_VIP_FILTER")]
+pub static VIP_FILTER: Array<u64> = Array::pinned(VIP_FILTER_BITS / 64, 0);
+
+/// Whether `addr` (words in memory order) may be a VIP address: false only when its
+/// `MXLB_VIP_FILTER` bit is clear, so traffic to other addresses is passed after one array
+/// lookup, with no hash lookup. A missing word (cannot happen: the index is masked) counts
+/// as "maybe".
+#[inline(always)]
+pub fn maybe_vip(addr: [u32; 4]) -> bool {
+    let bit = vip_filter_bit(addr);
+    match VIP_FILTER.get(bit >> 6) {
+        Some(w) => *w & (1u64 << (bit & 63)) != 0,
+        None => true,
+    }
+}
 
 /// `MXLB_BACKENDS`: back-end id → address, MAC and state. Id 0 is never used.
 #[map(name = "MXLB_BACKENDS")]

@@ -10,7 +10,7 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{FlowKey, Reason, VipKey};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-use crate::maps::VIPS;
+use crate::maps::{VIPS, maybe_vip};
 
 /// Ethernet header length (no tag).
 pub const ETH_LEN: usize = 14;
@@ -197,6 +197,13 @@ impl VipKeyWords {
         ])
     }
 
+    /// Same address, port and protocol (word by word; the padding is zero in both).
+    #[inline(always)]
+    pub fn same_as(&self, other: &VipKeyWords) -> bool {
+        let (a, b) = (&self.0, &other.0);
+        (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) == 0
+    }
+
     /// The key as the map type.
     #[inline(always)]
     pub fn vip_key(&self) -> &VipKey {
@@ -228,7 +235,7 @@ pub fn addr_words(a: &[u8; 16]) -> [u32; 4] {
 /// Whether `addr` carries the address-level VIP marker (`port 0, proto 6`).
 #[inline(always)]
 pub fn is_vip_addr(addr: [u32; 4]) -> bool {
-    VIPS.get_ptr(VipKeyWords::tcp(addr, 0).vip_key()).is_some()
+    maybe_vip(addr) && VIPS.get_ptr(VipKeyWords::tcp(addr, 0).vip_key()).is_some()
 }
 
 /// A TCP packet (or an ICMP error quoting one) that may belong to a VIP.

@@ -18,6 +18,7 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     Backend, Counters, FlowKey, FlowState, LbConfig, MAX_BACKENDS, MAX_RINGS, MAX_VIPS, RING_SIZE, VipKey, VipMeta,
+    VipSlot,
     addr_from_key, addr_to_key, port_to_key, state,
 };
 
@@ -55,6 +56,10 @@ fn access(map: &'static str) -> impl Fn(MapError) -> MapsError {
 /// Handles on every map the data path uses.
 pub struct DataplaneMaps {
     vips: BpfHashMap<MapData, VipKey, VipMeta>,
+    /// `MXLB_VIP_SLOTS`: each VIP entry again under its id (the established fast path).
+    vip_slots: Array<MapData, VipSlot>,
+    /// `MXLB_VIP_FILTER`: one bit per VIP address (transit traffic skips the hash lookups).
+    vip_filter: Array<MapData, u64>,
     backends: Array<MapData, Backend>,
     rings: Array<MapData, u32>,
     /// A second handle on the rings for batch writes ([`update_batch`]).
@@ -106,6 +111,8 @@ impl DataplaneMaps {
     pub fn open_pinned(dir: &Path) -> Result<DataplaneMaps, MapsError> {
         Ok(DataplaneMaps {
             vips: open(dir, lb_common::MAP_VIPS)?,
+            vip_slots: open(dir, lb_common::MAP_VIP_SLOTS)?,
+            vip_filter: open(dir, lb_common::MAP_VIP_FILTER)?,
             backends: open(dir, lb_common::MAP_BACKENDS)?,
             rings: open(dir, lb_common::MAP_RINGS)?,
             rings_raw: {
@@ -126,6 +133,21 @@ impl DataplaneMaps {
     /// Whether maps are pinned under `dir`.
     pub fn pinned_in(dir: &Path) -> bool {
         dir.join(lb_common::MAP_VIPS).exists()
+    }
+
+    /// Makes the filter words that hold a bit of any of `touched` carry exactly the bits of
+    /// `keep` (other words hold no VIP address and stay as they are).
+    fn write_filter(&mut self, touched: impl Iterator<Item = [u8; 16]>, keep: impl Iterator<Item = [u8; 16]>) -> Result<(), MapsError> {
+        let mut words: BTreeMap<u32, u64> = touched.map(|a| (lb_common::vip_filter_bit_of(&a) >> 6, 0)).collect();
+        for bit in keep.map(|a| lb_common::vip_filter_bit_of(&a)) {
+            *words.entry(bit >> 6).or_default() |= 1 << (bit & 63);
+        }
+        for (index, word) in words {
+            if self.vip_filter.get(&index, 0).map_err(access("vip filter"))? != word {
+                self.vip_filter.set(index, word, 0).map_err(access("vip filter"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads back back-ends and VIP entries.
@@ -266,15 +288,36 @@ impl DataplaneMaps {
                 wanted.insert(key, VipMeta { id, ring, mode, flags, capacity: vip.capacity, _pad: 0 });
             }
         }
+        // The slots follow the entries: a slot is filled after its entry exists (only flows
+        // that entry admitted can reach it) and emptied before its entry goes, so the fast
+        // path never outlives the VIP.
+        let slots: HashMap<u32, VipSlot> = wanted
+            .iter()
+            .filter(|(_, m)| m.id != 0)
+            .map(|(key, meta)| (meta.id, VipSlot { key: *key, meta: *meta }))
+            .collect();
+        // The filter must let every VIP address through before its entries exist and may
+        // forget an address only after they are gone: old and new addresses first, the new
+        // ones alone at the end.
+        let old_and_new = existing.keys().chain(wanted.keys()).map(|k| k.addr);
+        self.write_filter(old_and_new.clone(), old_and_new)?;
         for (key, meta) in &wanted {
             if existing.get(key) != Some(meta) {
                 self.vips.insert(key, meta, 0).map_err(access("vips"))?;
+            }
+        }
+        let slot_ids: BTreeSet<u32> = existing.values().chain(wanted.values()).map(|m| m.id).filter(|id| *id != 0).collect();
+        for id in slot_ids {
+            let slot = slots.get(&id).copied().unwrap_or_else(empty_slot);
+            if self.vip_slots.get(&id, 0).map_err(access("vip slots"))? != slot {
+                self.vip_slots.set(id, slot, 0).map_err(access("vip slots"))?;
             }
         }
         for key in existing.keys().filter(|k| !wanted.contains_key(k)) {
             self.vips.remove(key).map_err(access("vips"))?;
             report.vip_entries_removed += 1;
         }
+        self.write_filter(existing.keys().chain(wanted.keys()).map(|k| k.addr), wanted.keys().map(|k| k.addr))?;
 
         // 3. Client groups.
         let wanted_groups: HashMap<([u8; 16], u32), u32> =
@@ -422,6 +465,14 @@ fn update_batch(fd: std::os::fd::BorrowedFd<'_>, keys: &[u32], values: &[u32]) -
         done += attr.count as usize;
     }
     Ok(())
+}
+
+/// An id no VIP entry owns: all zero (mode 0 matches no packet's VIP).
+fn empty_slot() -> VipSlot {
+    VipSlot {
+        key: VipKey { addr: [0; 16], port: 0, proto: 0, _pad: 0 },
+        meta: VipMeta { id: 0, ring: 0, mode: 0, flags: 0, capacity: 0, _pad: 0 },
+    }
 }
 
 fn unused_backend() -> Backend {

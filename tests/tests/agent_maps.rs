@@ -4,8 +4,8 @@
 //! Needs root (BPF); skips locally otherwise, fails under CI=true.
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use lb_common::{FlowKey, FlowState, LbConfig, RING_SIZE, VipKey, addr_to_key, port_to_key, state};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use lb_common::{FlowKey, FlowState, LbConfig, RING_SIZE, VipKey, VipSlot, addr_to_key, port_to_key, state};
 use mxlb::{
     config::Config,
     dataplane::Balancer,
@@ -60,6 +60,33 @@ fn conntrack(dir: &PinDir) -> BpfHashMap<MapData, FlowKey, FlowState> {
     BpfHashMap::try_from(Map::from_map_data(data).unwrap()).unwrap()
 }
 
+/// The fast-path copies of the VIP table agree with it: every VIP:port entry sits in the
+/// `MXLB_VIP_SLOTS` slot of its id and every other slot is empty; every VIP address has its
+/// `MXLB_VIP_FILTER` bit and no other bit is set.
+#[track_caller]
+fn assert_fast_path_tables_match(dir: &PinDir, snap: &mxlb::maps::Snapshot) {
+    let open = |name: &str| Map::from_map_data(MapData::from_pin(dir.0.join(name)).unwrap()).unwrap();
+    let slots: Array<MapData, VipSlot> = Array::try_from(open(lb_common::MAP_VIP_SLOTS)).unwrap();
+    let filter: Array<MapData, u64> = Array::try_from(open(lb_common::MAP_VIP_FILTER)).unwrap();
+    let owned: BTreeMap<u32, VipSlot> =
+        snap.vips.iter().filter(|(k, _)| k.port != 0).map(|(k, m)| (m.id, VipSlot { key: *k, meta: *m })).collect();
+    for id in 0..lb_common::MAX_VIPS {
+        let slot = slots.get(&id, 0).unwrap();
+        match owned.get(&id) {
+            Some(want) => assert_eq!(&slot, want, "slot {id}"),
+            None => assert_eq!((slot.meta.mode, slot.key.port), (0, 0), "slot {id} should be empty: {slot:?}"),
+        }
+    }
+    let mut bits = std::collections::BTreeSet::new();
+    for (k, _) in &snap.vips {
+        bits.insert(lb_common::vip_filter_bit_of(&k.addr));
+    }
+    for word in 0..lb_common::VIP_FILTER_BITS / 64 {
+        let want = bits.iter().filter(|b| *b >> 6 == word).fold(0u64, |w, b| w | 1 << (b & 63));
+        assert_eq!(filter.get(&word, 0).unwrap(), want, "filter word {word}");
+    }
+}
+
 fn flow(port: u16) -> FlowKey {
     FlowKey {
         src: addr_to_key("198.18.0.1".parse().unwrap()),
@@ -99,6 +126,7 @@ fn applied_plan_is_what_the_data_path_reads_and_survives_restart() {
     assert_eq!(ring, vip_ring(&snap, "198.18.0.100", 587), "ports of one VIP share its ring");
     assert_ne!(ring / 2, vip_ring(&snap, "2001:db8::100", 25) / 2, "VIPs own distinct ring pairs");
     assert_eq!(maps.read_ring(ring).unwrap(), expected_table(&desired, &snap, "mx"));
+    assert_fast_path_tables_match(&dir, &snap);
 
     // Idempotent: nothing is rewritten or switched.
     let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &Default::default())).unwrap();
@@ -112,6 +140,7 @@ fn applied_plan_is_what_the_data_path_reads_and_survives_restart() {
     let new_ring = vip_ring(&snap, "198.18.0.100", 25);
     assert_eq!(new_ring, ring ^ 1, "switched to the other ring of the pair");
     assert_eq!(maps.read_ring(new_ring).unwrap(), expected_table(&desired, &snap, "mx"));
+    assert_fast_path_tables_match(&dir, &snap);
 
     // Drain: state DRAINING and no slots; down (health): state DOWN.
     desired.apply(&Change::Drain { name: "mail2".into() }).unwrap();
@@ -149,6 +178,7 @@ fn applied_plan_is_what_the_data_path_reads_and_survives_restart() {
     let mut got = mx(&snap);
     got.sort();
     assert_eq!(got, [(25, lb_common::vip_flags::STANDBY), (587, lb_common::vip_flags::STANDBY)], "ports on standby, no marker");
+    assert_fast_path_tables_match(&dir, &snap);
     maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &Default::default())).unwrap();
     let mut got = mx(&maps.snapshot().unwrap());
     got.sort();
@@ -158,6 +188,7 @@ fn applied_plan_is_what_the_data_path_reads_and_survives_restart() {
     desired.apply(&Change::VipRemove { name: "mx6".into() }).unwrap();
     let r = maps.apply(&plan(&desired, &health, &BTreeMap::new(), &macs(), encap, &Default::default())).unwrap();
     assert_eq!(r.vip_entries_removed, 3);
+    assert_fast_path_tables_match(&dir, &maps.snapshot().unwrap());
 
     // Restart: a new load reuses the pinned maps (conntrack and VIPs are still there).
     drop(maps);

@@ -28,8 +28,8 @@ use lb_common::{
 };
 use lb_common::{
     Backend, Counters, FlowKey, FlowState, LbConfig, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG,
-    MAP_CONNTRACK, MAP_REASON_STATS, MAP_RINGS, MAP_VIP_STATS, MAP_VIPS, PROG_BALANCER, PROG_DECAP,
-    RING_SIZE, Reason, VipKey, VipMeta, addr_to_key, flow_hash, mode, port_to_key, state,
+    MAP_CONNTRACK, MAP_REASON_STATS, MAP_RINGS, MAP_VIP_FILTER, MAP_VIP_SLOTS, MAP_VIP_STATS, MAP_VIPS, PROG_BALANCER, PROG_DECAP,
+    RING_SIZE, Reason, VipKey, VipMeta, VipSlot, addr_to_key, flow_hash, mode, port_to_key, state,
 };
 
 const XDP_DROP: u32 = 1;
@@ -157,11 +157,35 @@ impl Dp {
     /// Sets [`VipMeta::flags`] of an existing VIP:port entry.
     fn vip_flags(&mut self, addr: IpAddr, port: u16, flags: u8) {
         let key = VipKey { addr: addr_to_key(addr), port: port_to_key(port), proto: 6, _pad: 0 };
-        let mut m: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
+        let m: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.ebpf.map(MAP_VIPS).unwrap()).unwrap();
         let mut meta = m.get(&key, 0).expect("VIP entry");
         meta.flags = flags;
+        self.put_vip(key, meta);
+    }
+
+    /// Writes a VIP:port entry as userspace does (`maps::apply`): into `MXLB_VIPS` and, under
+    /// its id, into `MXLB_VIP_SLOTS` (the established fast path).
+    fn put_vip(&mut self, key: VipKey, meta: VipMeta) {
+        let mut m: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
         m.insert(key, meta, 0).unwrap();
+        self.vip_slot(meta.id, VipSlot { key, meta });
         self.vips.insert((key.addr, key.port), meta);
+        self.filter(key.addr, true);
+    }
+
+    /// Sets or clears the `MXLB_VIP_FILTER` bit of `addr` (a map-encoded address).
+    fn filter(&mut self, addr: [u8; 16], set: bool) {
+        let bit = lb_common::vip_filter_bit_of(&addr);
+        let mut f: Array<_, u64> = Array::try_from(self.ebpf.map_mut(MAP_VIP_FILTER).unwrap()).unwrap();
+        let word = f.get(&(bit >> 6), 0).unwrap();
+        let mask = 1u64 << (bit & 63);
+        f.set(bit >> 6, if set { word | mask } else { word & !mask }, 0).unwrap();
+    }
+
+    /// Overwrites slot `id` of `MXLB_VIP_SLOTS` alone.
+    fn vip_slot(&mut self, id: u32, slot: VipSlot) {
+        let mut s: Array<_, VipSlot> = Array::try_from(self.ebpf.map_mut(MAP_VIP_SLOTS).unwrap()).unwrap();
+        s.set(id, slot, 0).unwrap();
     }
 
     fn vip(&mut self, addr: IpAddr, port: u16, id: u32, ring: u32, mode: u8) {
@@ -179,10 +203,10 @@ impl Dp {
             capacity: 100,
             _pad: 0,
         };
+        self.put_vip(key, meta);
         let mut m: HashMap<_, VipKey, VipMeta> =
             HashMap::try_from(self.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
-        m.insert(key, meta, 0).unwrap();
-        // The address-level marker.
+        // The address-level marker (no slot: only VIP:port entries have one).
         let marker = VipKey {
             addr: key.addr,
             port: 0,
@@ -202,7 +226,6 @@ impl Dp {
             0,
         )
         .unwrap();
-        self.vips.insert((key.addr, key.port), meta);
     }
 
     fn backend(&mut self, id: u32, addr: IpAddr, mac: [u8; 6], st: u8) {
@@ -262,10 +285,7 @@ impl Dp {
             proto: 6,
             _pad: 0,
         };
-        let mut m: HashMap<_, VipKey, VipMeta> =
-            HashMap::try_from(self.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
-        m.insert(key, meta, 0).unwrap();
-        self.vips.insert(k, meta);
+        self.put_vip(key, meta);
     }
 
     /// The back-end the ring of `vip:port` gives to `key`.
@@ -1667,19 +1687,98 @@ fn standby_vip_passes_everything_untouched() {
     });
 }
 
+/// The established fast path (conntrack hit → the VIP's slot by id, no `MXLB_VIPS` lookup)
+/// decides exactly as the full path would, whatever state the slot is in.
+#[test]
+fn tracked_flows_trust_only_their_own_vip_slot() {
+    isolated("tracked_flows_trust_only_their_own_vip_slot", || {
+        let mut dp = standard();
+        let smtp4 = VipKey { addr: addr_to_key(v4()), port: port_to_key(SMTP), proto: 6, _pad: 0 };
+        let k = key(c4(), 47000, v4(), SMTP);
+        let id = dp.predict(&k);
+        dp.l2("syn", &tcp_frame(c4(), 47000, v4(), SMTP, SYN, b""), id, Reason::Forwarded);
+        dp.l2("tracked", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"x"), id, Reason::Forwarded);
+        // The fast path does not consult MXLB_VIPS at all: with the entry gone but the slot
+        // still there (an order `maps::apply` never leaves behind: slots are emptied first),
+        // the tracked flow is still forwarded, a new one is not.
+        let mut vips: HashMap<_, VipKey, VipMeta> = HashMap::try_from(dp.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
+        let entry = vips.get(&smtp4, 0).unwrap();
+        vips.remove(&smtp4).unwrap();
+        dp.l2("tracked, no lookup", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"f"), id, Reason::Forwarded);
+        dp.pass("untracked, no entry", &tcp_frame(c4(), 47001, v4(), SMTP, ACK, b"f"), Reason::PassNonVip);
+        let mut vips: HashMap<_, VipKey, VipMeta> = HashMap::try_from(dp.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
+        vips.insert(smtp4, entry, 0).unwrap();
+
+        // A slot that belongs to another VIP (the flow's id was reused by VIP4:587, dsr-ipip):
+        // the packet is still VIP4:25's, balanced in its own mode and counted against its own
+        // id, from its conntrack entry.
+        let other = dp.vips[&(addr_to_key(v4()), port_to_key(SUBMISSION))];
+        let ipip_key = VipKey { port: port_to_key(SUBMISSION), ..smtp4 };
+        dp.vip_slot(1, VipSlot { key: ipip_key, meta: VipMeta { id: 1, ..other } });
+        let before = (dp.vip_stats(1).packets, dp.vip_stats(2).packets);
+        dp.l2("slot of another VIP", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"y"), id, Reason::Forwarded);
+        assert_eq!((dp.vip_stats(1).packets, dp.vip_stats(2).packets), (before.0 + 1, before.1));
+
+        // No slot at all (an agent that never wrote one): the full path, same back-end.
+        dp.vip_slot(1, VipSlot { key: VipKey { addr: [0; 16], port: 0, proto: 0, _pad: 0 }, meta: VipMeta { id: 0, ring: 0, mode: 0, flags: 0, capacity: 0, _pad: 0 } });
+        dp.l2("no slot", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"z"), id, Reason::Forwarded);
+
+        // A slot can only make the fast path give up; the entry in MXLB_VIPS decides. So a
+        // slot that says standby while the entry does not (between the two writes) forwards,
+        // and standby written to both passes.
+        let meta = dp.vips[&(smtp4.addr, smtp4.port)];
+        dp.vip_slot(1, VipSlot { key: smtp4, meta: VipMeta { flags: lb_common::vip_flags::STANDBY, ..meta } });
+        dp.l2("slot standby only", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"s"), id, Reason::Forwarded);
+        dp.put_vip(smtp4, VipMeta { flags: lb_common::vip_flags::STANDBY, ..meta });
+        dp.pass("standby", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"s"), Reason::PassStandby);
+        dp.put_vip(smtp4, meta);
+        dp.l2("master again", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"m"), id, Reason::Forwarded);
+
+        // A slot in local mode cannot steer a tracked flow either (the entry says dsr-l2).
+        dp.vip_slot(1, VipSlot { key: smtp4, meta: VipMeta { mode: mode::LOCAL, ..meta } });
+        dp.l2("slot local", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"l"), id, Reason::Forwarded);
+        dp.put_vip(smtp4, meta);
+
+        // The VIP removed (entry and slot gone, as `maps::apply` does): its tracked flows are
+        // no longer balanced; the kernel gets them untouched.
+        let mut vips: HashMap<_, VipKey, VipMeta> = HashMap::try_from(dp.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
+        vips.remove(&smtp4).unwrap();
+        dp.vip_slot(1, VipSlot { key: VipKey { addr: [0; 16], port: 0, proto: 0, _pad: 0 }, meta: VipMeta { id: 0, ring: 0, mode: 0, flags: 0, capacity: 0, _pad: 0 } });
+        assert!(dp.conntrack(&k).is_some());
+        dp.pass("VIP removed", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"r"), Reason::PassNonVip);
+    });
+}
+
+/// Transit traffic is decided by `MXLB_VIP_FILTER` alone: an address whose bit is clear is
+/// passed without any hash lookup, even if (against `maps::apply`'s order) it had entries.
+#[test]
+fn vip_filter_passes_transit_traffic_first() {
+    isolated("vip_filter_passes_transit_traffic_first", || {
+        let mut dp = standard();
+        let k = key(c4(), 48000, v4(), SMTP);
+        let id = dp.predict(&k);
+        dp.l2("syn", &tcp_frame(c4(), 48000, v4(), SMTP, SYN, b""), id, Reason::Forwarded);
+        dp.filter(addr_to_key(v4()), false);
+        dp.pass("tracked, bit clear", &tcp_frame(c4(), 48000, v4(), SMTP, ACK, b"x"), Reason::PassNonVip);
+        dp.pass("syn, bit clear", &tcp_frame(c4(), 48001, v4(), SMTP, SYN, b""), Reason::PassNonVip);
+        // IPv6 and the other VIP address have bits of their own.
+        let k6 = key(c6(), 48000, v6(), SMTP);
+        dp.l2("v6 syn", &tcp_frame(c6(), 48000, v6(), SMTP, SYN, b""), dp.predict(&k6), Reason::Forwarded);
+        dp.filter(addr_to_key(v4()), true);
+        dp.l2("tracked, bit set", &tcp_frame(c4(), 48000, v4(), SMTP, ACK, b"x"), id, Reason::Forwarded);
+    });
+}
+
 #[test]
 fn client_groups_are_shed_by_capacity() {
     isolated("client_groups_are_shed_by_capacity", || {
         let mut dp = standard();
         // VIP4:25 sheds and runs at 40% capacity; everyone needs 50%, 198.18.0.4/32 needs 0%.
         let key = VipKey { addr: addr_to_key(v4()), port: port_to_key(SMTP), proto: 6, _pad: 0 };
-        {
-            let mut m: HashMap<_, VipKey, VipMeta> = HashMap::try_from(dp.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
-            let mut meta = m.get(&key, 0).unwrap();
-            meta.flags = lb_common::vip_flags::SHED;
-            meta.capacity = 40;
-            m.insert(key, meta, 0).unwrap();
-        }
+        let mut meta = dp.vips[&(key.addr, key.port)];
+        meta.flags = lb_common::vip_flags::SHED;
+        meta.capacity = 40;
+        dp.put_vip(key, meta);
         {
             let mut g: aya::maps::LpmTrie<_, [u8; 16], u32> =
                 aya::maps::LpmTrie::try_from(dp.ebpf.map_mut(lb_common::MAP_GROUPS).unwrap()).unwrap();
@@ -1695,12 +1794,8 @@ fn client_groups_are_shed_by_capacity() {
         let out = dp.try_run(PROG_BALANCER, &tcp_frame(premium, 46001, v4(), SMTP, SYN, b"")).unwrap();
         assert_eq!(out.action, XDP_TX, "premium client shed");
         // Back at full capacity nobody is shed.
-        {
-            let mut m: HashMap<_, VipKey, VipMeta> = HashMap::try_from(dp.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
-            let mut meta = m.get(&key, 0).unwrap();
-            meta.capacity = 100;
-            m.insert(key, meta, 0).unwrap();
-        }
+        meta.capacity = 100;
+        dp.put_vip(key, meta);
         let out = dp.try_run(PROG_BALANCER, &tcp_frame(c4(), 46002, v4(), SMTP, SYN, b"")).unwrap();
         assert_eq!(out.action, XDP_TX, "shed at full capacity");
     });
@@ -2090,6 +2185,8 @@ fn object_declares_the_contract() {
         let dp = Dp::new();
         for name in [
             MAP_VIPS,
+            MAP_VIP_SLOTS,
+            MAP_VIP_FILTER,
             MAP_BACKENDS,
             MAP_RINGS,
             MAP_CONNTRACK,
