@@ -30,6 +30,7 @@ pub mod cpu;
 pub mod frames;
 pub mod haproxy;
 pub mod keepalived;
+pub mod loadgen;
 pub mod node;
 pub mod sessions;
 pub mod dovecot;

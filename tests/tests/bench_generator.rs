@@ -10,14 +10,17 @@
 //! Needs root; skips locally otherwise, fails under CI=true.
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     process::Command,
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
-use lab::{AddrFamily, Lab, SourceOpts, dovecot::Dovecot};
+use lab::{
+    AddrFamily, Lab, SourceOpts,
+    dovecot::Dovecot,
+    loadgen::{bench_bin, mxlb_bench, pin_apart, rate},
+};
 
 /// One lab at a time: two load runs side by side on two cores would measure each other.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -35,42 +38,6 @@ const CONCURRENCY: u32 = 20;
 const SIZE: usize = 20_000;
 const SMALL: usize = 1024;
 
-/// Builds `mxlb-bench` (release: a benchmark of a debug build would measure the debug
-/// build) into the target directory this test runs from, and returns its path.
-/// The release `mxlb-bench` (built first under cargo): a debug build would measure itself.
-fn bench_bin() -> Result<PathBuf> {
-    lab::node::workspace_bin("mxlb-bench", "mxlb-bench", true)
-}
-
-/// Runs `mxlb-bench ARGS --json` in the client namespace; returns its JSON report, with the
-/// wall-clock time of the whole command (measured as the lab measures smtp-source's) added
-/// as `wall_s`.
-fn bench(lab: &Lab, args: &[&str]) -> Result<serde_json::Value> {
-    let bin = bench_bin()?;
-    let mut c = lab.client().ns().command(bin.to_str().context("path")?);
-    c.args(args).arg("--json");
-    let t0 = Instant::now();
-    let (out, timed_out) = lab::run_bounded(&mut c, Duration::from_secs(120))?;
-    let wall = t0.elapsed().as_secs_f64();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(!timed_out, "mxlb-bench {args:?} timed out: {stderr}");
-    let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "mxlb-bench {args:?} ({}) printed no JSON: {stderr}",
-            out.status
-        )
-    })?;
-    eprintln!(
-        "mxlb-bench {}: {} sessions/s, {} messages/s, errors {}",
-        args.join(" "),
-        v["sessions_per_s"],
-        v["messages_per_s"],
-        v["errors"]
-    );
-    v["wall_s"] = wall.into();
-    Ok(v)
-}
-
 /// Fails unless every error count is zero (and exit status 0 is implied by the caller).
 fn assert_no_errors(v: &serde_json::Value) -> Result<()> {
     let errors = v["errors"].as_object().context("errors")?;
@@ -83,10 +50,6 @@ fn assert_no_errors(v: &serde_json::Value) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn rate(v: &serde_json::Value, key: &str) -> Result<f64> {
-    v[key].as_f64().with_context(|| format!("{key} in {v}"))
 }
 
 #[test]
@@ -125,7 +88,7 @@ fn smtp_rate_agrees_with_smtp_source_and_connect_mode() -> Result<()> {
     let (mut our_time, mut their_time) = (0.0, 0.0);
     for round in 0..3 {
         let before = lab.sink(1).counts();
-        let v = bench(&lab, &["smtp", &t, "-c", &c, "-n", &n, "-s", &s, "-q"])?;
+        let v = mxlb_bench(&lab, &["smtp", &t, "-c", &c, "-n", &n, "-s", &s, "-q"])?;
         assert_no_errors(&v)?;
         ensure!(
             v["sessions_ok"] == SESSIONS,
@@ -181,7 +144,7 @@ fn smtp_rate_agrees_with_smtp_source_and_connect_mode() -> Result<()> {
 
     // For information only (see SIZE): 1 kB messages, where the generators' own CPU matters.
     let small = SMALL.to_string();
-    let v = bench(&lab, &["smtp", &t, "-c", &c, "-n", &n, "-s", &small, "-q"])?;
+    let v = mxlb_bench(&lab, &["smtp", &t, "-c", &c, "-n", &n, "-s", &small, "-q"])?;
     assert_no_errors(&v)?;
     let r = lab.smtp_source(
         target,
@@ -198,7 +161,7 @@ fn smtp_rate_agrees_with_smtp_source_and_connect_mode() -> Result<()> {
     );
 
     // connect mode, open loop for one second.
-    let v = bench(&lab, &["connect", &t, "-r", "500", "-d", "1", "-q"])?;
+    let v = mxlb_bench(&lab, &["connect", &t, "-r", "500", "-d", "1", "-q"])?;
     assert_no_errors(&v)?;
     ensure!(
         rate(&v, "sessions_per_s")? > 0.0,
@@ -210,28 +173,6 @@ fn smtp_rate_agrees_with_smtp_source_and_connect_mode() -> Result<()> {
         "no connect latency"
     );
     Ok(())
-}
-
-/// Pins back-end 1's sink to CPU 1 and the calling thread (hence the generators it starts) to
-/// CPU 0; returns whether it could (one CPU: nothing to separate).
-fn pin_apart(lab: &Lab) -> bool {
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        return false;
-    }
-    let sink_ok = lab.sink(1).pids().iter().all(|pid| {
-        Command::new("taskset")
-            .args(["-pc", "1", &pid.to_string()])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity(0, ..)
-    // only touch it and this thread's affinity.
-    let self_ok = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    };
-    sink_ok && self_ok
 }
 
 /// Drops one message into `user`'s Maildir (Dovecot's `mail_location = maildir:~/Maildir`,
@@ -269,7 +210,7 @@ fn pop3_and_imap_against_dovecot() -> Result<()> {
     seed_maildir(b1.ns(), "b1", "bench")?;
     for (mode, port) in [("pop3", 110u16), ("imap", 143)] {
         let t = SocketAddr::new(ip, port).to_string();
-        let v = bench(
+        let v = mxlb_bench(
             &lab,
             &[
                 mode, &t, "-c", "4", "-n", "100", "--user", "bench", "--pass", "secret", "-q",
@@ -285,7 +226,7 @@ fn pop3_and_imap_against_dovecot() -> Result<()> {
     }
     // A wrong password is counted, not hidden.
     let t = SocketAddr::new(ip, 110).to_string();
-    let v = bench(
+    let v = mxlb_bench(
         &lab,
         &[
             "pop3", &t, "-c", "1", "-n", "2", "--user", "bench", "--pass", "wrong", "-q",

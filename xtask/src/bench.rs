@@ -1,6 +1,14 @@
 //! `cargo xtask bench NAME`: a named benchmark, run by `mxlb-lab bench NAME` (tests crate) in
 //! the same lab the tests use; each writes target/bench/NAME.json next to a baseline measured
-//! in the same run.
+//! in the same run:
+//! - `xdp`: the data path's ns/packet through BPF_PROG_TEST_RUN, next to a trivial XDP_PASS;
+//! - `health`: how fast a dead back-end leaves the data path, and a single-source SYN flood;
+//! - `failover`: VRRP failover on the wire, mxlb and keepalived pairs, sessions held across it;
+//! - `l4`: SMTP sessions/s, p99 and connect/s straight to a back-end (the floor), through mxlb
+//!   dsr-l2 and dsr-ipip and through HAProxy `mode tcp`, with LB CPU per 1000 sessions; also
+//!   writes target/bench/l4.png.
+//!
+//! `xdp` and `l4` also regenerate their sections of bench/RESULTS.md (and `l4` the README's).
 
 use crate::util::{cargo, run_visible, say};
 use anyhow::{Result, bail};
@@ -11,9 +19,11 @@ pub fn run(name: &str, args: &[String]) -> Result<()> {
     if !crate::util::is_root() {
         bail!("benchmarks need root (BPF_PROG_TEST_RUN, network namespaces)");
     }
-    say("bench", "building mxlb and the lab (release)");
+    say("bench", "building mxlb, the lab and mxlb-bench (release)");
     run_visible(cargo().args(["build", "--release", "-p", "lb-userspace", "--bin", "mxlb"]))?;
     run_visible(cargo().args(["build", "--release", "-p", "mxlb-tests", "--bin", "mxlb-lab"]))?;
+    // The load generator of `l4` (and of any benchmark that drives mail sessions).
+    run_visible(cargo().args(["build", "--release", "-p", "mxlb-bench", "--bin", "mxlb-bench"]))?;
     let target = crate::run::target_dir()?;
     let err = std::process::Command::new(target.join("release/mxlb-lab"))
         .args(["bench", name])

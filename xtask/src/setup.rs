@@ -5,8 +5,8 @@
 //! 2. Debian packages: llvm-22-dev + libpolly-22-dev (bpf-linker links against LLVM 22, the
 //!    version rustc uses), and the lab's packages: postfix (for `smtp-sink`/`smtp-source`),
 //!    iproute2, ethtool, swaks (with its IPv6/TLS/AUTH perl modules), haproxy, dovecot, keepalived
-//!    (VRRP peers inside the lab's LB namespaces). `apt-get update` runs once, only when something
-//!    is missing;
+//!    (VRRP peers inside the lab's LB namespaces), fonts-dejavu-core (the `bench l4` chart).
+//!    `apt-get update` runs once, only when something is missing;
 //! 3. bpf-linker 0.13.0 built against Debian's LLVM 22 (prebuilt downloads are unreachable).
 //!
 //! The lab only runs Postfix's test programs inside its own namespaces; the system Postfix
@@ -36,11 +36,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("libio-socket-inet6-perl", "IPv6 for swaks"),
     ("libnet-ssleay-perl", "STARTTLS for swaks"),
     ("libauthen-sasl-perl", "AUTH for swaks"),
-    ("haproxy", "reads the mxlb agent in the agent-check interop test"),
+    ("haproxy", "the agent-check interop test and the `bench l4` comparison row"),
     ("dovecot-imapd", "real IMAP back-ends in the lab"),
     ("dovecot-pop3d", "real POP3 back-ends in the lab"),
     ("dovecot-lmtpd", "real LMTP back-ends in the lab"),
     ("keepalived", "VRRP peers for the failover tests and `bench failover`"),
+    ("fonts-dejavu-core", "the font of the `bench l4` chart (read at run time: no fontconfig)"),
 ];
 
 pub fn run() -> Result<()> {

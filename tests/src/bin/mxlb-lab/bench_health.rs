@@ -106,8 +106,6 @@ pub fn measure() -> Result<HealthResults> {
         replacement = Some(SmtpSink::start(victim.ns(), &SinkOpts { hostname: Some(victim.name()), ..Default::default() })?);
         wait_for(&maps, addr, state::UP, Duration::from_secs(10)).context("back-end 1 never came back")?;
     }
-    let mut sorted = trials.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
 
     // A single-source SYN flood against the normal client's sessions.
     node.cli(&["block", "rate", "2000", "--burst", "2000"])?;
@@ -130,7 +128,7 @@ pub fn measure() -> Result<HealthResults> {
         flood_other_sessions: outcomes.len(),
         flood_syns,
         flood_secs: flood_time.as_secs_f64(),
-        detect_ms: sorted[sorted.len() / 2],
+        detect_ms: super::median(trials.clone()),
         detect_trials_ms: trials,
         failed_after_detect: failed,
         sessions_after_detect: after,

@@ -1,6 +1,9 @@
 //! `mxlb-lab`: the lab as a program, for `cargo xtask run` (the demo) and `cargo xtask bench`.
 //! Same topology and helpers as the integration tests (architecture principle 5: one lab).
-use std::time::Duration;
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use lab::{
@@ -10,23 +13,93 @@ use lab::{
 
 mod bench_failover;
 mod bench_health;
+mod bench_l4;
 mod bench_xdp;
 
 /// Writes `target/bench/NAME.json` (`MXLB_BENCH_DIR` overrides the directory) and says where.
 fn write_bench(name: &str, json: &serde_json::Value) -> Result<()> {
-    let dir = std::env::var_os("MXLB_BENCH_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench")));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{name}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(json)? + "\n")?;
+    let path = bench_dir()?.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(json)? + "\n").with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
 }
 
+/// `target/bench` (or `MXLB_BENCH_DIR`), created if missing: where a run's figures go.
+fn bench_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os("MXLB_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench")));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A file of the source tree (`bench/RESULTS.md`, `README.md`, ...), by its path from the
+/// workspace root: the benchmarks keep their committed summaries up to date.
+fn source_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// Replaces the section of `text` between `<!-- NAME:begin -->` and `<!-- NAME:end -->` with
+/// `body` (pure). Without the markers, the section is appended at the end, markers included,
+/// so a new benchmark's section appears by itself and later runs replace only it: the
+/// hand-written text around it survives every run.
+fn replace_section(text: &str, name: &str, body: &str) -> String {
+    let (begin, end) = (format!("<!-- {name}:begin -->"), format!("<!-- {name}:end -->"));
+    let section = format!("{begin}\n{}\n{end}", body.trim_end());
+    if let Some(b) = text.find(&begin)
+        && let Some(e) = text[b..].find(&end)
+    {
+        return format!("{}{section}{}", &text[..b], &text[b + e + end.len()..]);
+    }
+    let sep = if text.is_empty() || text.ends_with("\n\n") { "" } else if text.ends_with('\n') { "\n" } else { "\n\n" };
+    format!("{text}{sep}{section}\n")
+}
+
+/// [`replace_section`] on the file `rel` of the source tree (created if missing), and says so.
+fn update_section(rel: &str, name: &str, body: &str) -> Result<()> {
+    let path = source_file(rel);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    std::fs::write(&path, replace_section(&text, name, body)).with_context(|| format!("writing {}", path.display()))?;
+    println!("updated the `{name}` section of {rel}");
+    Ok(())
+}
+
+/// The middle value (the upper one of an even count); NaN for none. Benchmarks report medians
+/// of repeats: one disturbed run on a shared machine does not move them.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Today's date (UTC, `date -u +%F`), to date a summary.
+fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(|| "date unknown".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// The machine a run measured, recorded next to its figures (they compare only within one
+/// run on one machine): CPU count and model, kernel release.
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, m)| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    format!("{cpus} CPUs ({model}), kernel {kernel}")
+}
+
 fn usage() -> ! {
     eprintln!(
-        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS] [--ha]\n       mxlb-lab bench xdp|health|failover"
+        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS] [--ha]\n       mxlb-lab bench xdp|health|failover|l4"
     );
     std::process::exit(2)
 }
@@ -39,7 +112,8 @@ fn main() {
             Some("xdp") => bench_xdp::run(),
             Some("health") => bench_health::run(),
             Some("failover") => bench_failover::run(),
-            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp, health, failover)")),
+            Some("l4") => bench_l4::run(),
+            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp, health, failover, l4)")),
             None => usage(),
         },
         _ => usage(),
@@ -172,4 +246,29 @@ fn demo(args: &[String]) -> Result<()> {
     drop(lab);
     println!("== done");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_section;
+
+    #[test]
+    fn a_marked_section_is_replaced_and_the_text_around_it_kept() {
+        let text = "# Results\nhand text\n<!-- l4:begin -->\nold\ntable\n<!-- l4:end -->\nmore hand text\n";
+        let new = replace_section(text, "l4", "new table\n");
+        assert_eq!(new, "# Results\nhand text\n<!-- l4:begin -->\nnew table\n<!-- l4:end -->\nmore hand text\n");
+        // Idempotent, and another section is left alone.
+        assert_eq!(replace_section(&new, "l4", "new table"), new);
+        let both = replace_section(&new, "xdp", "xdp table");
+        assert!(both.starts_with(&new) && both.ends_with("\n\n<!-- xdp:begin -->\nxdp table\n<!-- xdp:end -->\n"), "{both}");
+        assert_eq!(replace_section(&both, "l4", "x"), replace_section(&replace_section(text, "l4", "x"), "xdp", "xdp table"));
+    }
+
+    #[test]
+    fn a_missing_section_is_appended() {
+        assert_eq!(replace_section("", "l4", "t"), "<!-- l4:begin -->\nt\n<!-- l4:end -->\n");
+        assert_eq!(replace_section("a", "l4", "t"), "a\n\n<!-- l4:begin -->\nt\n<!-- l4:end -->\n");
+        // An end marker without its begin is not a section.
+        assert_eq!(replace_section("<!-- l4:end -->\n", "l4", "t"), "<!-- l4:end -->\n\n<!-- l4:begin -->\nt\n<!-- l4:end -->\n");
+    }
 }
