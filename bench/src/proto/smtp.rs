@@ -16,9 +16,15 @@ pub struct SmtpParams {
 }
 
 /// One line of a reply: its code and whether it is the last line (`250 ` vs `250-`).
+///
+/// Works on the bytes as they are, without a lossy text copy: this runs for every reply line
+/// of every session, and only the error path needs the line as text.
 pub fn parse_reply_line(line: &[u8]) -> Result<(u16, bool), ProtoError> {
-    let text = super::trim(line);
-    let b = text.as_bytes();
+    // Every trailing CR and LF goes, as in `trim`.
+    let mut b = line;
+    while let [rest @ .., b'\r' | b'\n'] = b {
+        b = rest;
+    }
     if b.len() < 3 || !b[..3].iter().all(u8::is_ascii_digit) {
         return Err(ProtoError::unexpected(line));
     }
