@@ -176,6 +176,14 @@ pub struct VipSlot {
     pub meta: VipMeta,
 }
 
+impl VipSlot {
+    /// The slot of an id no VIP owns: all zero (mode 0 matches no packet's VIP).
+    pub const EMPTY: VipSlot = VipSlot {
+        key: VipKey { addr: [0; 16], port: 0, proto: 0, _pad: 0 },
+        meta: VipMeta { id: 0, ring: 0, mode: 0, flags: 0, capacity: 0, _pad: 0 },
+    };
+}
+
 /// Value of [`MAP_BACKENDS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -84,7 +84,7 @@ fn try_balance(ctx: &XdpContext, len: u64) -> Res<Verdict> {
 #[inline(always)]
 fn tracked(st: *const FlowState, vkey: &VipKeyWords) -> Option<(VipMeta, Choice)> {
     // SAFETY: pointer from a successful map lookup.
-    let (id, vip_id) = unsafe { ((*st).backend, (*st).vip) };
+    let vip_id = unsafe { (*st).vip };
     let slot = VIP_SLOTS.get_ptr(vip_id)?;
     // SAFETY: pointer from a successful map lookup; the slot's key is its first 20 bytes,
     // and array values are 8-byte aligned.
@@ -94,24 +94,30 @@ fn tracked(st: *const FlowState, vkey: &VipKeyWords) -> Option<(VipMeta, Choice)
     }
     // SAFETY: as above.
     let meta = unsafe { (*slot).meta };
-    if meta.flags & vip_flags::STANDBY != 0 || (meta.mode != mode::DSR_L2 && meta.mode != mode::DSR_IPIP) {
+    if meta.flags & vip_flags::STANDBY != 0 || !is_dsr(meta.mode) {
         return None;
     }
+    Some((meta, pinned(st)?))
+}
+
+/// The back-end a conntrack entry pins its flow to, if it may still serve it (UP, or DRAINING:
+/// a draining back-end keeps its established flows).
+#[inline(always)]
+fn pinned(st: *const FlowState) -> Option<Choice> {
+    // SAFETY: pointer from a successful map lookup.
+    let id = unsafe { (*st).backend };
     let backend = BACKENDS.get_ptr(id)?;
     // SAFETY: as above.
     let state = unsafe { (*backend).state };
     if state != state::UP && state != state::DRAINING {
         return None;
     }
-    Some((
-        meta,
-        Choice {
-            id,
-            backend,
-            new_flow: false,
-            hash: 0,
-        },
-    ))
+    Some(Choice {
+        id,
+        backend,
+        new_flow: false,
+        hash: 0,
+    })
 }
 
 /// The VIP entry of a packet that is not on the fast path, after the checks that come before
@@ -141,10 +147,16 @@ fn vip(pkt: &Pkt, vkey: &VipKeyWords, syn: bool, len: u64) -> Result<VipMeta, Ve
         count(&VIP_STATS, meta.id, len, 0);
         return Err(Verdict::pass(Reason::PassLocal));
     }
-    if meta.mode != mode::DSR_L2 && meta.mode != mode::DSR_IPIP {
+    if !is_dsr(meta.mode) {
         return Err(Verdict::pass(Reason::PassNonVip));
     }
     Ok(meta)
+}
+
+/// A mode this program forwards in (unknown modes pass rather than guess).
+#[inline(always)]
+fn is_dsr(m: u8) -> bool {
+    m == mode::DSR_L2 || m == mode::DSR_IPIP
 }
 
 /// Sends the packet to the chosen back-end in the VIP's mode and counts it.
@@ -198,21 +210,8 @@ fn forward(ctx: &XdpContext, l2: &L2, pkt: &Pkt, meta: &VipMeta, choice: &Choice
 /// would start a flow from the ring is subject to the block list (SYNs were checked before).
 #[inline(always)]
 fn choose(key: &Key, meta: &VipMeta, flow: Option<*const FlowState>, syn: bool, insert: bool, tcp: bool) -> Res<Choice> {
-    if let Some(st) = flow {
-        // SAFETY: pointer from a successful map lookup.
-        let id = unsafe { (*st).backend };
-        if let Some(b) = BACKENDS.get_ptr(id) {
-            // SAFETY: as above.
-            let st = unsafe { (*b).state };
-            if st == state::UP || st == state::DRAINING {
-                return Ok(Choice {
-                    id,
-                    backend: b,
-                    new_flow: false,
-                    hash: 0,
-                });
-            }
-        }
+    if let Some(c) = flow.and_then(pinned) {
+        return Ok(c);
     }
     if !syn && tcp && edge::blocked(key) {
         return Err(Verdict::drop(Reason::DropBlocked));

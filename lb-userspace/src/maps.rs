@@ -308,7 +308,7 @@ impl DataplaneMaps {
         }
         let slot_ids: BTreeSet<u32> = existing.values().chain(wanted.values()).map(|m| m.id).filter(|id| *id != 0).collect();
         for id in slot_ids {
-            let slot = slots.get(&id).copied().unwrap_or_else(empty_slot);
+            let slot = slots.get(&id).copied().unwrap_or(VipSlot::EMPTY);
             if self.vip_slots.get(&id, 0).map_err(access("vip slots"))? != slot {
                 self.vip_slots.set(id, slot, 0).map_err(access("vip slots"))?;
             }
@@ -465,14 +465,6 @@ fn update_batch(fd: std::os::fd::BorrowedFd<'_>, keys: &[u32], values: &[u32]) -
         done += attr.count as usize;
     }
     Ok(())
-}
-
-/// An id no VIP entry owns: all zero (mode 0 matches no packet's VIP).
-fn empty_slot() -> VipSlot {
-    VipSlot {
-        key: VipKey { addr: [0; 16], port: 0, proto: 0, _pad: 0 },
-        meta: VipMeta { id: 0, ring: 0, mode: 0, flags: 0, capacity: 0, _pad: 0 },
-    }
 }
 
 fn unused_backend() -> Backend {

@@ -1720,7 +1720,7 @@ fn tracked_flows_trust_only_their_own_vip_slot() {
         assert_eq!((dp.vip_stats(1).packets, dp.vip_stats(2).packets), (before.0 + 1, before.1));
 
         // No slot at all (an agent that never wrote one): the full path, same back-end.
-        dp.vip_slot(1, empty_slot());
+        dp.vip_slot(1, VipSlot::EMPTY);
         dp.l2("no slot", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"z"), id, Reason::Forwarded);
 
         // A slot can only make the fast path give up; the entry in MXLB_VIPS decides. So a
@@ -1743,7 +1743,7 @@ fn tracked_flows_trust_only_their_own_vip_slot() {
         // no longer balanced; the kernel gets them untouched.
         let mut vips: HashMap<_, VipKey, VipMeta> = HashMap::try_from(dp.ebpf.map_mut(MAP_VIPS).unwrap()).unwrap();
         vips.remove(&smtp4).unwrap();
-        dp.vip_slot(1, empty_slot());
+        dp.vip_slot(1, VipSlot::EMPTY);
         assert!(dp.conntrack(&k).is_some());
         dp.pass("VIP removed", &tcp_frame(c4(), 47000, v4(), SMTP, ACK, b"r"), Reason::PassNonVip);
     });
@@ -1799,14 +1799,6 @@ fn client_groups_are_shed_by_capacity() {
         let out = dp.try_run(PROG_BALANCER, &tcp_frame(c4(), 46002, v4(), SMTP, SYN, b"")).unwrap();
         assert_eq!(out.action, XDP_TX, "shed at full capacity");
     });
-}
-
-/// A slot no VIP owns (what `maps::apply` writes for a free id).
-fn empty_slot() -> VipSlot {
-    VipSlot {
-        key: VipKey { addr: [0; 16], port: 0, proto: 0, _pad: 0 },
-        meta: VipMeta { id: 0, ring: 0, mode: 0, flags: 0, capacity: 0, _pad: 0 },
-    }
 }
 
 fn key4(src: IpAddr, sport: u16) -> FlowKey {
