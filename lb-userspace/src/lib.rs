@@ -26,6 +26,7 @@
 //!   VIP hand-over (addresses, GARP/NA, standby in the data path), tracking, sync groups.
 //! - [`statefile`]: crash-safe JSON files and the lock in the state directory.
 //! - [`shed`]: the tempfail responder (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) for full VIPs.
+//! - [`relay`]: the store-and-forward SMTP relay with a mirrored queue (see its layout).
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
 //!
 //! The XDP program itself is in the `lb-ebpf` crate; the types both sides share are in
@@ -44,6 +45,7 @@ pub mod health;
 pub mod neighbours;
 pub mod policy;
 pub mod prober;
+pub mod relay;
 pub mod report;
 pub mod shed;
 pub mod statefile;
