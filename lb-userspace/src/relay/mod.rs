@@ -104,6 +104,19 @@ pub struct ClientInfo {
     pub authenticated: bool,
 }
 
+/// The relay's answer to `RCPT TO`, decided by [`recipients`] (relay rules, valid mailboxes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptVerdict {
+    /// `250 2.1.5`.
+    Accept,
+    /// Not one of our domains and the client may not relay: `554 5.7.1 Relay access denied`.
+    RelayDenied,
+    /// One of our domains, but no such mailbox: `550 5.1.1`.
+    UnknownUser,
+    /// Cannot decide now (e.g. the mailbox list is unreadable): `450 4.x.x` with this text.
+    TempFail(String),
+}
+
 /// What happened to one recipient so far.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
