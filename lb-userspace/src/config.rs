@@ -15,6 +15,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod relay;
+
 /// The configuration used when none is given: the lab topology that `cargo xtask run` builds
 /// (one SMTP VIP over three smtp-sink back-ends). Also the example config in the README.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../mxlb.example.toml");
@@ -45,6 +47,9 @@ pub struct Config {
     /// Instances that change state together (the SMTP and the POP/IMAP VIPs on one node).
     #[serde(default, rename = "vrrp_sync_group")]
     pub vrrp_sync_groups: Vec<VrrpSyncGroupConfig>,
+    /// The store-and-forward SMTP relay with a mirrored queue (on a `local` VIP).
+    #[serde(default)]
+    pub relay: Option<relay::RelayConfig>,
 }
 
 /// One VRRPv3 virtual router (RFC 5798/9568): the node with the highest priority holds the
@@ -752,6 +757,7 @@ impl Config {
             p(KeyPath::new("vip"), format!("too many VIP ports (at most {} address:port pairs)", lb_common::MAX_VIPS));
         }
         self.validate_vrrp(&mut p);
+        relay::validate(self, &mut p);
         out
     }
 

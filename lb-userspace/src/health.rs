@@ -496,19 +496,13 @@ impl ProbeTls {
     /// `ca`: PEM file of the CA(s) that sign the back-ends' certificates (None: not checked).
     /// `server_name`: the name certificates must carry (default: the back-end's address).
     pub fn new(ca: Option<&std::path::Path>, server_name: Option<&str>) -> Result<ProbeTls, TlsSetupError> {
-        use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        use rustls::pki_types::ServerName;
+        let provider = crate::tls::provider();
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
         let config = match ca {
             Some(path) => {
-                let err = |message: String| TlsSetupError::Ca { path: path.display().to_string(), message };
-                let mut roots = rustls::RootCertStore::empty();
-                for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
-                    roots.add(cert.map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
-                }
-                if roots.is_empty() {
-                    return Err(err("no certificate in the file".into()));
-                }
+                let roots = crate::tls::load_roots(path)
+                    .map_err(|e| TlsSetupError::Ca { path: e.path, message: e.message })?;
                 builder.with_root_certificates(roots).with_no_client_auth()
             }
             None => builder

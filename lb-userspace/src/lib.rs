@@ -25,6 +25,7 @@
 //! - [`vrrp`]: VRRPv3 between LB nodes, keepalived-compatible: codec, state machine, sockets,
 //!   VIP hand-over (addresses, GARP/NA, standby in the data path), tracking, sync groups.
 //! - [`statefile`]: crash-safe JSON files and the lock in the state directory.
+//! - [`tls`]: PEM loading for every TLS user (probes, STARTTLS, the mirror channel).
 //! - [`shed`]: the tempfail responder (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) for full VIPs.
 //! - [`relay`]: the store-and-forward SMTP relay with a mirrored queue (see its layout).
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
@@ -49,6 +50,7 @@ pub mod relay;
 pub mod report;
 pub mod shed;
 pub mod statefile;
+pub mod tls;
 pub mod vrrp;
 pub mod vippath;
 
