@@ -36,4 +36,5 @@ pub mod sessions;
 pub mod dovecot;
 pub mod failover;
 pub mod flood;
+pub mod relay;
 pub mod vrrp;

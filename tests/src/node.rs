@@ -119,7 +119,7 @@ pub struct NodeOpts {
     pub mode: Mode,
     /// Weight per back-end (index 0 = back-end 1); missing entries get 100.
     pub weights: Vec<u32>,
-    /// SMTP ports of the VIPs.
+    /// SMTP ports of the VIPs `mx` and `mx6`; empty: no such VIPs (e.g. a relay-only node).
     pub ports: Vec<u16>,
     /// `auto`, `native` or `generic`.
     pub xdp_mode: String,
@@ -251,7 +251,10 @@ impl<'a> MxlbNode<'a> {
         if let Some(h) = &self.opts.health {
             s += &format!("[health]\n{h}\n\n");
         }
-        for (name, fam, suffix) in [("mx", AddrFamily::V4, ""), ("mx6", AddrFamily::V6, "v6")] {
+        // No ports: no balanced VIPs (a node that only runs the relay on a `local` VIP).
+        let balanced: &[(&str, AddrFamily, &str)] =
+            if self.opts.ports.is_empty() { &[] } else { &[("mx", AddrFamily::V4, ""), ("mx6", AddrFamily::V6, "v6")] };
+        for &(name, fam, suffix) in balanced {
             s += &format!(
                 "[[vip]]\nname = \"{name}\"\naddress = \"{}\"\nports = [{ports}]\nmode = \"{}\"\nbackends = [{}]\n{}\n",
                 lab.vip(fam),

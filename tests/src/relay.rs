@@ -1,0 +1,407 @@
+//! The relay scenario: two `mxlb run` nodes whose store-and-forward relay answers on VIP
+//! `relay` (the lab's IPv4 VIP in `local` mode, held by VRRP), mirroring to each other, and
+//! back-ends running smtp-sink that dump every message they receive, so a test can compare
+//! the queue ids the client saw acknowledged with the ids that arrived (our Received header
+//! carries the queue id).
+//!
+//! Certificates (a cluster CA, one certificate per LB node for the mirror channel, one for
+//! STARTTLS and one client certificate) are made with rcgen in the node's temp directory.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    AddrFamily, Lab, SinkOpts, SmtpSink,
+    failover::{ADVERT_MS, BACKUP_PRIORITY, MASTER_PRIORITY},
+    node::{MxlbNode, NodeOpts},
+    vrrp::{VrrpOpts, wait_vrrp},
+};
+
+/// The mirror channel's port on each LB node.
+pub const MIRROR_PORT: u16 = 2526;
+/// The domain the relay receives mail for.
+pub const DOMAIN: &str = "example.net";
+/// The VRRP instance holding the relay VIP.
+pub const INSTANCE: &str = "relay";
+
+/// PEM files for one identity.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The test PKI.
+#[derive(Debug, Clone)]
+pub struct RelayCerts {
+    pub ca: PathBuf,
+    /// Mirror identities of LB 1 and LB 2 (`lb1.mxlb.test`, `lb2.mxlb.test`).
+    pub nodes: Vec<Identity>,
+    /// STARTTLS server identity (`mx.example.net`).
+    pub server: Identity,
+    /// A client certificate from the CA (may relay), and one from another CA (may not).
+    pub client: Identity,
+    pub stranger: Identity,
+}
+
+/// The name in LB `k`'s mirror certificate.
+pub fn node_cert_name(k: usize) -> String {
+    format!("lb{k}.mxlb.test")
+}
+
+impl RelayCerts {
+    /// Makes a CA and the identities in `dir`.
+    pub fn generate(dir: &Path) -> Result<RelayCerts> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        std::fs::create_dir_all(dir)?;
+        let ca_for = |cn: &str| -> Result<(rcgen::Certificate, KeyPair)> {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, cn);
+            let key = KeyPair::generate()?;
+            let cert = params.self_signed(&key)?;
+            Ok((cert, key))
+        };
+        let (ca, ca_key) = ca_for("mxlb test cluster CA")?;
+        let (other_ca, other_key) = ca_for("someone else's CA")?;
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, ca.pem())?;
+        let issue = |name: &str, file: &str, signer: &rcgen::Certificate, signer_key: &KeyPair| -> Result<Identity> {
+            let mut params = CertificateParams::new(vec![name.to_string()])?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, signer, signer_key)?;
+            let id = Identity { cert: dir.join(format!("{file}.pem")), key: dir.join(format!("{file}.key")) };
+            std::fs::write(&id.cert, cert.pem())?;
+            std::fs::write(&id.key, key.serialize_pem())?;
+            Ok(id)
+        };
+        Ok(RelayCerts {
+            nodes: vec![issue(&node_cert_name(1), "lb1", &ca, &ca_key)?, issue(&node_cert_name(2), "lb2", &ca, &ca_key)?],
+            server: issue("mx.example.net", "server", &ca, &ca_key)?,
+            client: issue("client.example.com", "client", &ca, &ca_key)?,
+            stranger: issue("stranger.example.org", "stranger", &other_ca, &other_key)?,
+            ca: ca_path,
+        })
+    }
+}
+
+/// How the pair is set up.
+#[derive(Debug, Clone)]
+pub struct RelayOpts {
+    /// `strict` or `degraded`.
+    pub on_failure: String,
+    /// `smtp` (to smtp-sink on 25) or `lmtp` (to Dovecot on 24).
+    pub protocol: String,
+    /// Lines added to `[relay]` (e.g. limits, `mailboxes = "..."`).
+    pub relay_extra: String,
+    /// Lines added to `[relay.delivery]`.
+    pub delivery_extra: String,
+    pub takeover_after_ms: u64,
+    /// Hold the relay VIP with VRRP (LB 1 master); false: every node holds it (single node).
+    pub vrrp: bool,
+    /// Start LB 2 as well (mirror); false: LB 1 alone, without `[relay.mirror]`.
+    pub mirrored: bool,
+}
+
+impl Default for RelayOpts {
+    fn default() -> Self {
+        RelayOpts {
+            on_failure: "strict".into(),
+            protocol: "smtp".into(),
+            relay_extra: String::new(),
+            delivery_extra: "retry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000".into(),
+            takeover_after_ms: 1000,
+            vrrp: true,
+            mirrored: true,
+        }
+    }
+}
+
+/// The config appended to LB `k`'s node config (VIP, VRRP, relay, mirror).
+pub fn relay_toml(lab: &Lab, k: usize, certs: &RelayCerts, spool: &Path, opts: &RelayOpts) -> String {
+    let vip = lab.vip(AddrFamily::V4);
+    let backends = (1..=lab.backends().len()).map(|i| format!("\"b{i}\"")).collect::<Vec<_>>().join(", ");
+    let mut s = format!("[[vip]]\nname = \"relay\"\naddress = \"{vip}\"\nports = [25]\nmode = \"local\"\n\n");
+    if opts.vrrp {
+        let vrrp = VrrpOpts {
+            name: INSTANCE.into(),
+            priority: if k == 1 { MASTER_PRIORITY } else { BACKUP_PRIORITY },
+            advert_ms: ADVERT_MS,
+            vips: vec!["relay".into()],
+            ..Default::default()
+        };
+        s += &vrrp.toml();
+        s += "\n";
+    }
+    s += &format!(
+        "[relay]\nvip = \"relay\"\nnode_name = \"lb{k}\"\nhostname = \"mx.{DOMAIN}\"\nspool_dir = \"{spool}\"\n\
+         domains = [\"{DOMAIN}\"]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntls_client_ca = \"{ca}\"\n{extra}\n\n\
+         [relay.delivery]\nbackends = [{backends}]\nprotocol = \"{proto}\"\n{dextra}\n\n",
+        spool = spool.display(),
+        cert = certs.server.cert.display(),
+        key = certs.server.key.display(),
+        ca = certs.ca.display(),
+        extra = opts.relay_extra,
+        proto = opts.protocol,
+        dextra = opts.delivery_extra,
+    );
+    if opts.mirrored {
+        let other = if k == 1 { 2 } else { 1 };
+        let me = &certs.nodes[k - 1];
+        s += &format!(
+            "[relay.mirror]\nlisten = \"{}\"\npeer = \"{}\"\npeer_name = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_ca = \"{}\"\n\
+             on_failure = \"{}\"\nheartbeat_ms = 100\ntakeover_after_ms = {}\nack_timeout_ms = 3000\n",
+            SocketAddr::new(lab.lb_n(k).v4().into(), MIRROR_PORT),
+            SocketAddr::new(lab.lb_n(other).v4().into(), MIRROR_PORT),
+            node_cert_name(other),
+            me.cert.display(),
+            me.key.display(),
+            certs.ca.display(),
+            opts.on_failure,
+            opts.takeover_after_ms,
+        );
+    }
+    s
+}
+
+/// One or two relay nodes on the lab (LB 1 master when `vrrp`). Dropped before the lab.
+pub struct RelayPair<'a> {
+    lab: &'a Lab,
+    pub lb1: MxlbNode<'a>,
+    pub lb2: Option<MxlbNode<'a>>,
+    pub certs: RelayCerts,
+    pub opts: RelayOpts,
+    dir: PathBuf,
+}
+
+impl<'a> RelayPair<'a> {
+    /// Starts LB 2 (if mirrored) then LB 1, and waits (bounded) until LB 1 serves the VIP.
+    pub fn start(lab: &'a Lab, opts: RelayOpts) -> Result<RelayPair<'a>> {
+        let dir = std::env::temp_dir().join(format!("{}-relay", lab.prefix()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = RelayCerts::generate(&dir.join("pki"))?;
+        let node = |k: usize| -> Result<MxlbNode<'a>> {
+            let spool = dir.join(format!("spool{k}"));
+            MxlbNode::start_on(
+                lab,
+                k,
+                NodeOpts { ports: vec![], extra: Some(relay_toml(lab, k, &certs, &spool, &opts)), ..Default::default() },
+            )
+        };
+        let lb2 = if opts.mirrored { Some(node(2)?) } else { None };
+        let lb1 = node(1)?;
+        let pair = RelayPair { lab, lb1, lb2, certs, opts, dir };
+        if pair.opts.vrrp {
+            wait_vrrp(&pair.lb1, INSTANCE, mxlb::vrrp::instance::State::Master, Duration::from_secs(5))?;
+        }
+        pair.wait_serving(Duration::from_secs(10))?;
+        Ok(pair)
+    }
+
+    /// The relay's address as clients use it.
+    pub fn vip(&self) -> SocketAddr {
+        SocketAddr::new(self.lab.vip(AddrFamily::V4), 25)
+    }
+
+    /// LB `k`'s spool directory.
+    pub fn spool(&self, k: usize) -> PathBuf {
+        self.dir.join(format!("spool{k}"))
+    }
+
+    /// Waits until the client gets a 220 greeting from the VIP.
+    pub fn wait_serving(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let vip = self.vip();
+        loop {
+            let greeting = self.lab.client().ns().run(move || greeting_of(vip))?;
+            if greeting.as_deref().is_some_and(|g| g.starts_with("220 ")) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the relay on {vip} did not greet within {timeout:?} (last: {greeting:?})\nLB 1 log:\n{}", self.lb1.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Queue ids in LB `k`'s spool area (`queue` or `replica`), read from the file names.
+    pub fn spooled(&self, k: usize, area: &str) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.spool(k).join(area))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .filter(|n| is_queue_id(n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+}
+
+impl Drop for RelayPair<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Reads the first line a server sends (bounded), from the current namespace.
+pub fn greeting_of(addr: SocketAddr) -> Option<String> {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).lines().next()?.to_string())
+}
+
+/// Whether `s` is an mxlb queue id (24 lowercase hex digits).
+pub fn is_queue_id(s: &str) -> bool {
+    s.len() == 24 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Queue ids in `250 ... queued as ID` replies found in a client's log (smtp-source `-v`,
+/// swaks), in order.
+pub fn acknowledged_ids(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("250") && l.contains("queued as "))
+        .filter_map(|l| l.split("queued as ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(|id| id.trim_end_matches(['.', ')', ']', ';']).to_string())
+        .filter(|id| is_queue_id(id))
+        .collect()
+}
+
+/// Queue ids in the Received headers the relay added (`(mxlb) with ESMTP id ID`), with how
+/// often each occurs: what arrived at the back-ends, duplicates counted.
+pub fn relayed_ids(dump: &str) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    let mut rest = dump;
+    while let Some(i) = rest.find("(mxlb) with ") {
+        rest = &rest[i + 12..];
+        if let Some(j) = rest.find(" id ") {
+            let id: String = rest[j + 4..].chars().take(24).collect();
+            if is_queue_id(&id) && j < 16 {
+                *out.entry(id).or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
+
+/// smtp-sink on every back-end (port 25, IPv4 and IPv6) appending each message to a dump file.
+pub struct DumpSinks {
+    pub sinks: Vec<SmtpSink>,
+    pub dumps: Vec<PathBuf>,
+    dir: PathBuf,
+}
+
+impl DumpSinks {
+    pub fn start(lab: &Lab) -> Result<DumpSinks> {
+        let dir = std::env::temp_dir().join(format!("{}-dumps", lab.prefix()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        // smtp-sink runs as nobody: it must be able to create its dump files.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        let mut sinks = Vec::new();
+        let mut dumps = Vec::new();
+        for (i, b) in lab.backends().iter().enumerate() {
+            let dump = dir.join(format!("b{}", i + 1));
+            let opts = SinkOpts {
+                hostname: Some(b.name()),
+                extra: vec!["-D".into(), dump.display().to_string()],
+                ..Default::default()
+            };
+            sinks.push(SmtpSink::start(b.ns(), &opts).with_context(|| format!("smtp-sink on {}", b.name()))?);
+            dumps.push(dump);
+        }
+        Ok(DumpSinks { sinks, dumps, dir })
+    }
+
+    /// Every relayed queue id received by any back-end, with its count.
+    pub fn received(&self) -> HashMap<String, usize> {
+        let mut all = HashMap::new();
+        for d in &self.dumps {
+            let text = std::fs::read(d).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+            for (id, n) in relayed_ids(&text) {
+                *all.entry(id).or_insert(0) += n;
+            }
+        }
+        all
+    }
+
+    /// Waits (bounded) until every id in `ids` has arrived; returns what arrived.
+    pub fn wait_for(&self, ids: &[String], timeout: Duration) -> HashMap<String, usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.received();
+            if ids.iter().all(|id| got.contains_key(id)) || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for DumpSinks {
+    fn drop(&mut self) {
+        self.sinks.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Lost and duplicated messages: acknowledged ids that never arrived, and arrivals beyond one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciliation {
+    pub acknowledged: usize,
+    pub arrived: usize,
+    pub lost: Vec<String>,
+    pub duplicates: usize,
+}
+
+pub fn reconcile(acknowledged: &[String], received: &HashMap<String, usize>) -> Reconciliation {
+    Reconciliation {
+        acknowledged: acknowledged.len(),
+        arrived: received.len(),
+        lost: acknowledged.iter().filter(|id| !received.contains_key(*id)).cloned().collect(),
+        duplicates: received.values().map(|n| n.saturating_sub(1)).sum(),
+    }
+}
+
+/// The lab: two LBs, `backends` back-ends without the default sinks, VIP by ARP.
+pub fn relay_lab(backends: usize) -> Result<Lab> {
+    Lab::builder().lbs(2).backends(backends).no_sinks().vip_by_arp().build()
+}
+
+/// `ip` as Postfix's smtp-source wants it.
+pub fn endpoint(ip: IpAddr, port: u16) -> String {
+    crate::postfix_endpoint(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_read_from_client_logs_and_received_headers() {
+        let log = "smtp-source: <<< 250 2.0.0 Ok: queued as 0005f1a2b3c4d5e6aabbccdd\nsmtp-source: <<< 250 2.1.0 Ok\n\
+                   smtp-source: <<< 451 4.3.0 mirror\n<<< 250 2.0.0 Ok: queued as 0005f1a2b3c4d5e6aabbccde\n";
+        assert_eq!(acknowledged_ids(log), vec!["0005f1a2b3c4d5e6aabbccdd", "0005f1a2b3c4d5e6aabbccde"]);
+        let dump = "Received: from vm ([198.18.0.1])\r\n\tby mx.example.net (mxlb) with ESMTP id 0005f1a2b3c4d5e6aabbccdd\r\n\tfor <a@example.net>; x\r\n\
+                    Received: from vm ([198.18.0.1])\r\n\tby mx.example.net (mxlb) with ESMTPS id 0005f1a2b3c4d5e6aabbccdd; x\r\n\
+                    Received: by smtp-sink (smtp-sink) with SMTP id 775cd8bc;\r\n";
+        let got = relayed_ids(dump);
+        assert_eq!(got.get("0005f1a2b3c4d5e6aabbccdd"), Some(&2));
+        assert_eq!(got.len(), 1);
+        let r = reconcile(&acknowledged_ids(log), &got);
+        assert_eq!(r.lost, vec!["0005f1a2b3c4d5e6aabbccde"]);
+        assert_eq!(r.duplicates, 1);
+    }
+}
