@@ -325,6 +325,17 @@ impl DumpSinks {
         Ok(DumpSinks { sinks, dumps, dir })
     }
 
+    /// Kills back-end `i`'s sink (1-based): the back-end refuses connections from now on.
+    /// What it received so far stays readable.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(sink) = self.sinks.get_mut(i - 1) {
+            for pid in sink.pids() {
+                // SAFETY: plain kill(2) on a pid we started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+
     /// Every relayed queue id received by any back-end, with its count.
     pub fn received(&self) -> HashMap<String, usize> {
         let mut all = HashMap::new();
@@ -335,6 +346,21 @@ impl DumpSinks {
             }
         }
         all
+    }
+
+    /// The dumped message (as smtp-sink wrote it, its own headers first) carrying queue id
+    /// `id` in our Received header.
+    pub fn message(&self, id: &str) -> Option<String> {
+        for d in &self.dumps {
+            let text = std::fs::read(d).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+            // smtp-sink starts every dumped message with its X-Client-Addr header.
+            for msg in text.split("X-Client-Addr: ").skip(1) {
+                if relayed_ids(msg).contains_key(id) {
+                    return Some(format!("X-Client-Addr: {msg}"));
+                }
+            }
+        }
+        None
     }
 
     /// Waits (bounded) until every id in `ids` has arrived; returns what arrived.
@@ -403,5 +429,154 @@ mod tests {
         let r = reconcile(&acknowledged_ids(log), &got);
         assert_eq!(r.lost, vec!["0005f1a2b3c4d5e6aabbccde"]);
         assert_eq!(r.duplicates, 1);
+    }
+}
+
+/// A blocking SMTP client for scripted sessions (run it inside the client's namespace with
+/// `ns.run`): sends exactly the bytes it is given, so a test can send what real clients never
+/// would (smuggling sequences, bare CR/LF, over-long lines, pipelined groups).
+pub struct RawSmtp {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One reply: its code and all its lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpReply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl SmtpReply {
+    /// The queue id of a `250 ... queued as ID` reply.
+    pub fn queue_id(&self) -> Option<String> {
+        acknowledged_ids(&self.text).into_iter().next()
+    }
+}
+
+impl RawSmtp {
+    /// Connects and reads the greeting.
+    pub fn connect(addr: SocketAddr) -> Result<(RawSmtp, SmtpReply)> {
+        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connect {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut c = RawSmtp { stream, buf: Vec::new() };
+        let greeting = c.reply()?;
+        Ok((c, greeting))
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write as _;
+        self.stream.write_all(bytes).context("send")
+    }
+
+    /// Sends `line` + CRLF and reads one reply.
+    pub fn cmd(&mut self, line: &str) -> Result<SmtpReply> {
+        self.send(format!("{line}\r\n").as_bytes())?;
+        self.reply()
+    }
+
+    /// Reads one (possibly multi-line) reply; fails on EOF or after the read timeout.
+    pub fn reply(&mut self) -> Result<SmtpReply> {
+        use std::io::Read as _;
+        let mut text = String::new();
+        loop {
+            while let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let line = String::from_utf8_lossy(&line[..end]).into_owned();
+                text.push_str(&line);
+                text.push('\n');
+                if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                    let code = line.get(..3).and_then(|c| c.parse().ok()).with_context(|| format!("bad reply line {line:?}"))?;
+                    return Ok(SmtpReply { code, text });
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).context("reading a reply")?;
+            if n == 0 {
+                bail!("connection closed (after {text:?})");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Whether the server closed the connection (reads until EOF, bounded by the timeout).
+    pub fn closed(&mut self) -> bool {
+        use std::io::Read as _;
+        let mut chunk = [0u8; 512];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) => return matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe),
+            }
+        }
+    }
+
+    /// EHLO, MAIL, RCPT (each), DATA, the content (dot-stuffed by the caller if needed) and
+    /// the end of data; returns the final reply.
+    pub fn send_message(&mut self, from: &str, rcpts: &[&str], content: &[u8]) -> Result<SmtpReply> {
+        let r = self.cmd("EHLO client.example.com")?;
+        anyhow::ensure!(r.code == 250, "EHLO: {r:?}");
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"))?;
+        anyhow::ensure!(r.code == 250, "MAIL: {r:?}");
+        for rcpt in rcpts {
+            let r = self.cmd(&format!("RCPT TO:<{rcpt}>"))?;
+            anyhow::ensure!(r.code == 250, "RCPT {rcpt}: {r:?}");
+        }
+        let r = self.cmd("DATA")?;
+        anyhow::ensure!(r.code == 354, "DATA: {r:?}");
+        self.send(content)?;
+        self.send(b"\r\n.\r\n")?;
+        self.reply()
+    }
+}
+
+/// What one crash trial saw.
+#[derive(Debug, Clone)]
+pub struct KillTrial {
+    /// When LB 1 was killed, after the load started.
+    pub killed_after: Duration,
+    pub source: crate::SourceResult,
+    pub outcome: Reconciliation,
+}
+
+/// The crash trial of the issue: smtp-source sends `messages` (4 KiB, 20 sessions, `-v` so its
+/// log carries every `250 ... queued as ID`) to the VIP while LB 1 (VRRP master, primary) is
+/// SIGKILLed `kill_after` into the run; LB 2 takes the VIP (VRRP) and LB 1's copies (mirror
+/// takeover). Waits (bounded) until every acknowledged id reached a back-end and reconciles.
+/// LB 1 stays down; [`RelayPair::restart_lb1`] brings it back.
+pub fn kill_trial(lab: &Lab, pair: &mut RelayPair, sinks: &DumpSinks, messages: u32, kill_after: Duration) -> Result<KillTrial> {
+    let opts = crate::SourceOpts {
+        sessions: messages,
+        concurrency: 20,
+        msg_size: 4096,
+        to: format!("rcpt@{DOMAIN}"),
+        timeout: Duration::from_secs(120),
+        extra: vec!["-v".into()],
+        ..Default::default()
+    };
+    let vip = pair.vip();
+    let (source, killed_after) = std::thread::scope(|s| -> Result<(crate::SourceResult, Duration)> {
+        let started = Instant::now();
+        let load = s.spawn(|| lab.smtp_source(vip, &opts));
+        std::thread::sleep(kill_after);
+        pair.lb1.kill();
+        let killed_after = started.elapsed();
+        let source = load.join().map_err(|_| anyhow::anyhow!("the smtp-source thread panicked"))??;
+        Ok((source, killed_after))
+    })?;
+    let acknowledged = acknowledged_ids(&source.stderr);
+    let received = sinks.wait_for(&acknowledged, Duration::from_secs(60));
+    Ok(KillTrial { killed_after, outcome: reconcile(&acknowledged, &received), source })
+}
+
+impl RelayPair<'_> {
+    /// Starts LB 1 again (after [`kill_trial`]) and waits until it is master and serving.
+    pub fn restart_lb1(&mut self) -> Result<()> {
+        self.lb1.launch()?;
+        if self.opts.vrrp {
+            wait_vrrp(&self.lb1, INSTANCE, mxlb::vrrp::instance::State::Master, Duration::from_secs(10))?;
+        }
+        self.wait_serving(Duration::from_secs(10))
     }
 }

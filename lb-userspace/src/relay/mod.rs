@@ -140,6 +140,8 @@ impl RcptState {
 pub struct Recipient {
     /// The forward-path without angle brackets (`user@example.net`).
     pub address: String,
+    /// Flattened: `{"address": ..., "state": "pending", "attempts": 1, ...}` in JSON.
+    #[serde(flatten)]
     pub state: RcptState,
 }
 

@@ -1,0 +1,303 @@
+//! The relay as clients meet it, through the VIP of two mirrored `mxlb run` nodes (LB 1 master
+//! by VRRP) delivering to smtp-sink back-ends: real clients (swaks, Python's smtplib) and a
+//! scripted session for what real clients never send (every SMTP-smuggling sequence, bare
+//! line ends, over-long lines and paths, 1000 recipients, pipelining after end of data, a
+//! slowloris client, a client vanishing mid-DATA), STARTTLS with and without a client
+//! certificate, and the open-relay rules. Every accepted message is looked for at the sinks
+//! by the queue id the client was given.
+//!
+//! One lab for the whole suite (building one takes seconds); each check is a section and all
+//! failures are reported together. Needs root; skips locally otherwise, fails under CI=true.
+use std::{process::Command, time::Duration};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use lab::relay::{DumpSinks, RawSmtp, RelayOpts, RelayPair, acknowledged_ids, relay_lab};
+
+/// Sequences that must NOT end DATA (mail-reference.md).
+const FAKE_ENDS: &[&[u8]] = &[
+    b"\n.\n",
+    b"\n.\r",
+    b"\r.\n",
+    b"\r.\r",
+    b"\n.\r\n",
+    b"\r.\r\n",
+    b"\r\n.\n",
+    b"\r\n.\r",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\x00\r\n",
+    b"\r\n.\r\r\n",
+    b"\r\r\n.\r\r\n",
+];
+
+struct Suite<'a> {
+    lab: &'a lab::Lab,
+    pair: &'a RelayPair<'a>,
+    sinks: &'a DumpSinks,
+    failures: Vec<String>,
+}
+
+impl Suite<'_> {
+    fn section(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<()>) {
+        eprintln!("--- {name}");
+        if let Err(e) = f(self) {
+            eprintln!("FAILED: {name}: {e:#}");
+            self.failures.push(format!("{name}: {e:#}"));
+        }
+    }
+
+    /// Runs a scripted session in the client's namespace.
+    fn session<T: Send + 'static>(&self, f: impl FnOnce(std::net::SocketAddr) -> Result<T> + Send + 'static) -> Result<T> {
+        let vip = self.pair.vip();
+        self.lab.client().ns().run(move || f(vip))?
+    }
+
+    /// A client program in the client's namespace; its stdout+stderr.
+    fn client_cmd(&self, args: &[&str]) -> Result<(bool, String)> {
+        let mut c: Command = self.lab.client().ns().command(args[0]);
+        c.args(&args[1..]);
+        let (out, timed_out) = lab::run_bounded(&mut c, Duration::from_secs(30))?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        Ok((out.status.success() && !timed_out, text))
+    }
+
+    /// Waits until `id` reached a back-end; returns that message's dump text.
+    fn arrived(&self, id: &str) -> Result<String> {
+        let got = self.sinks.wait_for(&[id.to_string()], Duration::from_secs(15));
+        match got.get(id) {
+            Some(1) => Ok(self.sinks.message(id).unwrap_or_default()),
+            Some(n) => bail!("{id} arrived {n} times"),
+            None => bail!("{id} never arrived at a back-end\nLB 1 log:\n{}", self.pair.lb1.log()),
+        }
+    }
+}
+
+#[test]
+fn relay_conformance_and_security() -> Result<()> {
+    if !lab::require_root("relay_conformance_and_security") {
+        return Ok(());
+    }
+    let lab = relay_lab(2)?;
+    let sinks = DumpSinks::start(&lab)?;
+    let mailboxes = std::env::temp_dir().join(format!("{}-mailboxes", lab.prefix()));
+    std::fs::write(&mailboxes, "# valid users\nu@example.net\npostmaster@example.net\n@catchall.example.net\n")?;
+    let opts = RelayOpts {
+        relay_extra: format!(
+            "domains = [\"example.net\", \"catchall.example.net\"]\nmailboxes = \"{}\"\ncommand_timeout_ms = 1500\ndata_timeout_ms = 1500\nmax_sessions_per_source = 20",
+            mailboxes.display()
+        ),
+        ..Default::default()
+    };
+    let pair = RelayPair::start(&lab, opts)?;
+    let mut s = Suite { lab: &lab, pair: &pair, sinks: &sinks, failures: Vec::new() };
+    let certs = pair.certs.clone();
+    let vip = pair.vip().ip().to_string();
+
+    s.section("swaks with pipelining: accepted, delivered, body intact", |s| {
+        let (ok, out) = s.client_cmd(&[
+            "swaks", "--server", &vip, "--port", "25", "--from", "sender@example.com", "--to", "u@example.net",
+            "--pipeline", "--header", "Subject: swaks pipelined", "--body", "line one\nline two\n..leading dots\n",
+        ])?;
+        ensure!(ok, "swaks failed:\n{out}");
+        let id = acknowledged_ids(&out).pop().context("no queue id in swaks' output")?;
+        let msg = s.arrived(&id)?;
+        ensure!(msg.contains("Subject: swaks pipelined") && msg.contains("\r\n..leading dots\r\n") || msg.contains("\n..leading dots\n"),
+            "content changed on the way:\n{msg}");
+        ensure!(msg.contains("(mxlb) with ESMTP id"), "no Received header of ours:\n{msg}");
+        Ok(())
+    });
+
+    s.section("STARTTLS without a client certificate: ESMTPS, may not relay elsewhere", |s| {
+        let (ok, out) = s.client_cmd(&[
+            "swaks", "--server", &vip, "--port", "25", "--tls", "--from", "sender@example.com", "--to", "u@example.net",
+            "--header", "Subject: tls",
+        ])?;
+        ensure!(ok, "swaks --tls failed:\n{out}");
+        let id = acknowledged_ids(&out).pop().context("no queue id")?;
+        ensure!(s.arrived(&id)?.contains("with ESMTPS id"), "not marked ESMTPS");
+        let (ok, out) = s.client_cmd(&[
+            "swaks", "--server", &vip, "--port", "25", "--tls", "--from", "sender@example.com", "--to", "someone@elsewhere.example.org",
+        ])?;
+        ensure!(!ok && out.contains("554 5.7.1"), "relaying without a certificate was not refused:\n{out}");
+        Ok(())
+    });
+
+    s.section("STARTTLS with a client certificate from the CA: may relay (ESMTPSA)", |s| {
+        let (ok, out) = s.client_cmd(&[
+            "swaks", "--server", &vip, "--port", "25", "--tls", "--tls-cert", certs.client.cert.to_str().unwrap_or_default(),
+            "--tls-key", certs.client.key.to_str().unwrap_or_default(), "--from", "sender@example.com",
+            "--to", "someone@elsewhere.example.org",
+        ])?;
+        ensure!(ok, "an authenticated client could not relay:\n{out}");
+        let id = acknowledged_ids(&out).pop().context("no queue id")?;
+        ensure!(s.arrived(&id)?.contains("with ESMTPSA id"), "not marked ESMTPSA");
+        Ok(())
+    });
+
+    s.section("STARTTLS with a certificate from another CA: not authenticated", |s| {
+        let (ok, out) = s.client_cmd(&[
+            "swaks", "--server", &vip, "--port", "25", "--tls", "--tls-cert", certs.stranger.cert.to_str().unwrap_or_default(),
+            "--tls-key", certs.stranger.key.to_str().unwrap_or_default(), "--from", "sender@example.com",
+            "--to", "someone@elsewhere.example.org",
+        ])?;
+        ensure!(!ok, "a certificate from an unknown CA let the client relay:\n{out}");
+        Ok(())
+    });
+
+    s.section("open relay, unknown user, catch-all, postmaster", |s| {
+        s.session(|vip| {
+            let (mut c, greeting) = RawSmtp::connect(vip)?;
+            ensure!(greeting.code == 220, "{greeting:?}");
+            ensure!(c.cmd("EHLO client.example.com")?.code == 250);
+            ensure!(c.cmd("MAIL FROM:<sender@example.com>")?.code == 250);
+            let r = c.cmd("RCPT TO:<victim@elsewhere.example.org>")?;
+            ensure!(r.code == 554 && r.text.contains("5.7.1") && r.text.contains("Relay access denied"), "{r:?}");
+            let r = c.cmd("RCPT TO:<nobody@example.net>")?;
+            ensure!(r.code == 550 && r.text.contains("5.1.1"), "{r:?}");
+            ensure!(c.cmd("RCPT TO:<U@EXAMPLE.NET>")?.code == 250, "case-insensitive mailbox");
+            ensure!(c.cmd("RCPT TO:<anyone@catchall.example.net>")?.code == 250, "catch-all");
+            ensure!(c.cmd("RCPT TO:<postmaster>")?.code == 250, "postmaster");
+            ensure!(c.cmd("QUIT")?.code == 221);
+            Ok(())
+        })
+    });
+
+    s.section("Python smtplib: extensions, VRFY, NOOP, RSET, sendmail", |s| {
+        let script = format!(
+            r#"
+import smtplib, sys
+s = smtplib.SMTP("{vip}", 25, timeout=10)
+code, _ = s.ehlo("py.example.com")
+assert code == 250, code
+for ext in ["pipelining", "size", "8bitmime", "enhancedstatuscodes", "smtputf8", "chunking", "starttls"]:
+    assert s.has_extn(ext), ext
+assert s.verify("u@example.net")[0] == 252
+assert s.noop()[0] == 250
+assert s.rset()[0] == 250
+refused = s.sendmail("sender@example.com", ["u@example.net"], b"Subject: smtplib\r\n\r\nbody \xc3\xa9 8bit\r\n", mail_options=["BODY=8BITMIME"])
+assert refused == {{}}, refused
+print(s.mail("sender@example.com"), s.rcpt("u@example.net"))
+code, msg = s.data(b"Subject: smtplib 2\r\n\r\nsecond\r\n")
+print(code, msg.decode())
+assert code == 250
+s.quit()
+"#
+        );
+        let (ok, out) = s.client_cmd(&["python3", "-c", &script])?;
+        ensure!(ok, "smtplib:\n{out}");
+        let id = acknowledged_ids(&out.replace("250 ", "250 ")).pop().or_else(|| {
+            out.split("queued as ").nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_string)
+        });
+        let id = id.context(format!("no queue id in {out}"))?;
+        ensure!(s.arrived(&id)?.contains("second"), "second message content");
+        Ok(())
+    });
+
+    for (i, fake) in FAKE_ENDS.iter().enumerate() {
+        let name = format!("smuggling sequence {i} {:?}: one message, the rest is content", String::from_utf8_lossy(fake));
+        let fake = fake.to_vec();
+        s.section(&name, move |s| {
+            let marker = format!("smuggled-{i}");
+            let mut content = format!("Subject: smuggling {i}\r\n\r\nbefore").into_bytes();
+            content.extend_from_slice(&fake);
+            content.extend_from_slice(format!("MAIL FROM:<evil@example.com>\r\nRCPT TO:<u@example.net>\r\nDATA\r\n{marker}").as_bytes());
+            let reply = s.session(move |vip| {
+                let (mut c, _) = RawSmtp::connect(vip)?;
+                c.send_message("sender@example.com", &["u@example.net"], &content)
+            })?;
+            ensure!(reply.code == 250, "end of data: {reply:?}");
+            let id = reply.queue_id().context("no queue id")?;
+            let msg = s.arrived(&id)?;
+            ensure!(msg.contains(&marker), "the smuggled text is not in the message");
+            let smuggled = s.sinks.received().keys().filter(|other| {
+                s.sinks.message(other).is_some_and(|m| m.contains(&marker) && !m.contains(&format!("Subject: smuggling {i}")))
+            }).count();
+            ensure!(smuggled == 0, "a second message was made from the smuggled commands");
+            ensure!(!msg.contains("before\n.") && !msg.contains("\r.\r"), "a bare line end was forwarded:\n{msg:?}");
+            Ok(())
+        });
+    }
+
+    s.section("pipelining after end of data from an unauthenticated client is refused", |s| {
+        let r = s.session(|vip| {
+            let (mut c, _) = RawSmtp::connect(vip)?;
+            ensure!(c.cmd("EHLO client.example.com")?.code == 250);
+            c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<u@example.net>\r\nDATA\r\n")?;
+            let (a, b, d) = (c.reply()?, c.reply()?, c.reply()?);
+            ensure!(a.code == 250 && b.code == 250 && d.code == 354, "normal pipelining: {a:?} {b:?} {d:?}");
+            c.send(b"Subject: x\r\n\r\nx\r\n.\r\nMAIL FROM:<b@example.com>\r\n")?;
+            let r = c.reply()?;
+            Ok((r, c.closed()))
+        })?;
+        ensure!(r.0.code == 554 && r.0.text.contains("5.5.0"), "{:?}", r.0);
+        ensure!(r.1, "the connection stayed open");
+        Ok(())
+    });
+
+    s.section("limits: command line, path, 1000 recipients", |s| {
+        s.session(|vip| {
+            let (mut c, _) = RawSmtp::connect(vip)?;
+            ensure!(c.cmd("EHLO client.example.com")?.code == 250);
+            let r = c.cmd(&format!("NOOP {}", "x".repeat(600)))?;
+            ensure!(r.code == 500, "600-octet command: {r:?}");
+            let r = c.cmd(&format!("MAIL FROM:<{}@example.com>", "l".repeat(65)))?;
+            ensure!(r.code == 501 || r.code == 553, "65-octet local part: {r:?}");
+            ensure!(c.cmd("MAIL FROM:<sender@example.com>")?.code == 250);
+            let mut batch = String::new();
+            for i in 0..1000 {
+                batch += &format!("RCPT TO:<r{i}@catchall.example.net>\r\n");
+            }
+            c.send(batch.as_bytes())?;
+            for i in 0..1000 {
+                let r = c.reply()?;
+                ensure!(r.code == 250, "recipient {i}: {r:?}");
+            }
+            ensure!(c.cmd("DATA")?.code == 354);
+            c.send(b"Subject: 1000 recipients\r\n\r\nhi\r\n.\r\n")?;
+            let r = c.reply()?;
+            ensure!(r.code == 250, "{r:?}");
+            Ok(())
+        })
+    });
+
+    s.section("a client vanishing mid-DATA leaves nothing queued", |s| {
+        let before = s.sinks.received().len();
+        s.session(|vip| {
+            let (mut c, _) = RawSmtp::connect(vip)?;
+            ensure!(c.cmd("EHLO client.example.com")?.code == 250);
+            ensure!(c.cmd("MAIL FROM:<sender@example.com>")?.code == 250);
+            ensure!(c.cmd("RCPT TO:<u@example.net>")?.code == 250);
+            ensure!(c.cmd("DATA")?.code == 354);
+            c.send(b"Subject: vanished\r\n\r\nhalf a mess")?;
+            Ok(())
+        })?;
+        std::thread::sleep(Duration::from_secs(2));
+        ensure!(s.pair.spooled(1, "queue").is_empty(), "queued: {:?}", s.pair.spooled(1, "queue"));
+        ensure!(s.pair.spooled(2, "replica").is_empty(), "mirrored: {:?}", s.pair.spooled(2, "replica"));
+        ensure!(s.sinks.received().len() == before, "something was delivered");
+        Ok(())
+    });
+
+    s.section("slowloris: a trickling client is cut off with 421", |s| {
+        let (r, closed) = s.session(|vip| {
+            let (mut c, _) = RawSmtp::connect(vip)?;
+            // One byte every 400 ms: each read is quick, the command never completes.
+            for b in b"EHLO slow.example.com".iter().take(12) {
+                if c.send(&[*b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(400));
+            }
+            let r = c.reply();
+            Ok((r.ok(), c.closed()))
+        })?;
+        ensure!(r.as_ref().is_some_and(|r| r.code == 421), "{r:?}");
+        ensure!(closed, "still open");
+        Ok(())
+    });
+
+    if !s.failures.is_empty() {
+        bail!("{} section(s) failed:\n{}", s.failures.len(), s.failures.join("\n\n"));
+    }
+    let _ = std::fs::remove_file(&mailboxes);
+    Ok(())
+}
