@@ -1,0 +1,3 @@
+//! Delivery (in progress).
+pub mod client;
+pub mod reply;
