@@ -398,6 +398,8 @@ pub enum Request {
     Change { change: Change },
     /// `mxlb status`: the answer's message is the [`crate::metrics::Status`] as JSON.
     Status,
+    /// `mxlb queue ...`: the relay's queue (answered by [`crate::relay::service::Relay::handle`]).
+    Queue { action: crate::relay::service::QueueAction },
     Ping,
 }
 
@@ -412,6 +414,7 @@ pub struct Response {
 pub async fn serve(
     path: PathBuf,
     controller: std::sync::Arc<Mutex<Controller>>,
+    relay: Option<std::sync::Arc<crate::relay::service::Relay>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ControlError> {
     if let Some(dir) = path.parent() {
@@ -428,9 +431,9 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let controller = controller.clone();
+                let (controller, relay) = (controller.clone(), relay.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, controller).await {
+                    if let Err(e) = handle(stream, controller, relay).await {
                         warn!(error = %e, "control connection");
                     }
                 });
@@ -444,7 +447,11 @@ pub async fn serve(
 /// Longest request line accepted (a change is a few hundred bytes).
 const MAX_REQUEST: usize = 64 * 1024;
 
-async fn handle(stream: UnixStream, controller: std::sync::Arc<Mutex<Controller>>) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    controller: std::sync::Arc<Mutex<Controller>>,
+    relay: Option<std::sync::Arc<crate::relay::service::Relay>>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 * 16));
     let mut line = String::new();
@@ -469,6 +476,13 @@ async fn handle(stream: UnixStream, controller: std::sync::Arc<Mutex<Controller>
                 Ok(Request::Change { change }) => match controller.lock().await.change(change).await {
                     Ok(m) => Response { ok: true, message: m },
                     Err(e) => Response { ok: false, message: e.to_string() },
+                },
+                Ok(Request::Queue { action }) => match &relay {
+                    None => Response { ok: false, message: "this node runs no relay ([relay] is not configured)".into() },
+                    Some(r) => match r.handle(action).await {
+                        Ok(m) => Response { ok: true, message: m },
+                        Err(m) => Response { ok: false, message: m },
+                    },
                 },
             }
         };

@@ -103,6 +103,33 @@ enum Command {
     /// not) and kept in the state dir across restarts and reboots.
     #[command(subcommand)]
     Block(BlockCommand),
+    /// The relay's queue: list, show, retry or delete messages (like Postfix's mailq,
+    /// postcat -q, postqueue -i and postsuper -d). `list` and `show` read the spool directly
+    /// when no agent runs.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Every queued message: id, size, age, sender, each recipient's state and last reply
+    /// (`replica` rows are the peer's copies, delivered here only after a takeover).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One message: its envelope and content as stored.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Try a deferred message now (needs `mxlb run`).
+    Retry { id: String },
+    /// Remove a message from the queue on this node and its mirror, undelivered (needs `mxlb run`).
+    Delete { id: String },
+    /// Re-read the valid-mailbox list (`[relay] mailboxes`) (needs `mxlb run`).
+    Reload,
 }
 
 #[derive(Subcommand)]
@@ -336,6 +363,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Backend(BackendCommand::Undrain { name }) => change(config, Change::Undrain { name }).await,
         Command::Stats { interval, json } => stats(config, interval, json).await,
         Command::Status { json } => status(config, json).await,
+        Command::Queue(cmd) => queue(config, cmd).await,
         Command::Decap { action } => helper(Helper::Decap, action),
         Command::Pass { action } => helper(Helper::Pass, action),
         Command::Block(cmd) => block(config, cmd),
@@ -463,6 +491,53 @@ async fn list_backends(config: Config, json: bool) -> Result<()> {
             b.counters.new_flows,
             b.vips.join(",")
         );
+    }
+    Ok(())
+}
+
+async fn queue(config: Config, cmd: QueueCommand) -> Result<()> {
+    use mxlb::relay::service::{QueueAction, QueueEntry, QueuedMessage};
+    let Some(relay) = config.relay.as_ref() else { bail!("no [relay] in the config: this node runs no relay") };
+    let socket = config.node.control_socket.clone();
+    let (action, json) = match &cmd {
+        QueueCommand::List { json } => (QueueAction::List, *json),
+        QueueCommand::Show { id, json } => (QueueAction::Show { id: id.clone() }, *json),
+        QueueCommand::Retry { id } => (QueueAction::Retry { id: id.clone() }, false),
+        QueueCommand::Delete { id } => (QueueAction::Delete { id: id.clone() }, false),
+        QueueCommand::Reload => (QueueAction::Reload, false),
+    };
+    let answer = control::request(&socket, &Request::Queue { action: action.clone() }).await?;
+    let message = match answer {
+        Some(a) if a.ok => a.message,
+        Some(a) => bail!("{}", a.message),
+        // No agent: list and show read the spool; changes need the running agent.
+        None => {
+            let spool = mxlb::relay::service::open_spool(&relay.spool_dir)?;
+            match action {
+                QueueAction::List => serde_json::to_string(&mxlb::relay::service::list_spool(&spool).map_err(anyhow::Error::msg)?)?,
+                QueueAction::Show { id } => serde_json::to_string(&mxlb::relay::service::show_spool(&spool, &id).map_err(anyhow::Error::msg)?)?,
+                _ => bail!("no agent answers on {}: `mxlb run` must be running", socket.display()),
+            }
+        }
+    };
+    match cmd {
+        QueueCommand::List { .. } => {
+            let entries: Vec<QueueEntry> = serde_json::from_str(&message).context("queue listing")?;
+            if printed_json(&entries, json)? {
+                return Ok(());
+            }
+            print!("{}", report::queue_table(&entries, mxlb::relay::unix_now()));
+        }
+        QueueCommand::Show { .. } => {
+            let m: QueuedMessage = serde_json::from_str(&message).context("queued message")?;
+            if printed_json(&m, json)? {
+                return Ok(());
+            }
+            print!("{}", report::queue_table(std::slice::from_ref(&m.entry), mxlb::relay::unix_now()));
+            println!();
+            print!("{}", m.content);
+        }
+        _ => println!("{message}"),
     }
     Ok(())
 }
@@ -711,7 +786,24 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let server = tokio::spawn(control::serve(node.control_socket.clone(), controller.clone(), wait_stop(stop_rx.clone())));
+    // The relay (if configured): listeners on its VIP, mirror, delivery.
+    let relay_config = controller.lock().await.desired().config.clone();
+    let relay = match mxlb::relay::service::start(&relay_config, controller.clone(), stop_rx.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            for iface in &attached {
+                let _ = balancer.detach(iface);
+            }
+            return Err(e).context("starting the relay");
+        }
+    };
+    let server = tokio::spawn(control::serve(
+        node.control_socket.clone(),
+        controller.clone(),
+        relay.clone(),
+        wait_stop(stop_rx.clone()),
+    ));
     // Neighbours change (a back-end replaced, a MAC learned late): re-read every few seconds.
     let refresher = {
         let controller = controller.clone();
@@ -774,6 +866,10 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     // still runs, so the backup takes over within Skew_Time.
     if tokio::task::spawn_blocking(move || vrrp.join()).await.map_or(true, |r| r.is_err()) {
         warn!("the vrrp thread ended abnormally");
+    }
+    if let Some(r) = &relay {
+        // Sessions finish their transaction, delivery its attempts in progress.
+        r.stopped().await;
     }
     let _ = refresher.await;
     let _ = prober.await;

@@ -95,6 +95,20 @@ pub fn targets(desired: &Desired) -> BTreeSet<Target> {
             }
         }
     }
+    // The relay's delivery back-ends, on the port it delivers to (LMTP has no probe dialogue
+    // of its own here: a TCP connect).
+    if let Some(r) = &c.relay {
+        let kind = match r.delivery.protocol {
+            crate::config::relay::DeliveryProtocol::Smtp => CheckKind::Smtp,
+            crate::config::relay::DeliveryProtocol::Lmtp => CheckKind::Tcp,
+        };
+        for name in &r.delivery.backends {
+            if let Some(b) = c.backend(name) {
+                let addr = SocketAddr::new(b.address, r.delivery.port());
+                out.insert(Target { backend: name.clone(), kind, addr, tls: false, via: None });
+            }
+        }
+    }
     out
 }
 

@@ -179,3 +179,36 @@ pub fn rates(before: &Sample, after: &Sample) -> Rates {
         reasons: diff(&before.reasons, &after.reasons),
     }
 }
+
+/// `mxlb queue list`: one block per message, as Postfix's mailq shows it (id, size, age,
+/// sender), then one line per recipient with its state, attempts and last reply.
+pub fn queue_table(entries: &[crate::relay::service::QueueEntry], now: u64) -> String {
+    use crate::relay::RcptState;
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if entries.is_empty() {
+        out.push_str("queue empty\n");
+        return out;
+    }
+    let _ = writeln!(out, "{:<24} {:>9} {:>8} {:<8} SENDER", "ID", "SIZE", "AGE", "AREA");
+    for e in entries {
+        let env = &e.envelope;
+        let sender = if env.mail_from.is_empty() { "<>" } else { env.mail_from.as_str() };
+        let age = now.saturating_sub(env.accepted_at);
+        let _ = writeln!(out, "{:<24} {:>9} {:>7}s {:<8} {sender}", env.id, env.size, age, e.area);
+        for r in &env.rcpts {
+            let state = match &r.state {
+                RcptState::Pending { attempts, next_attempt, last_reply } => format!(
+                    "pending, {attempts} attempt(s), next in {}s{}",
+                    next_attempt.saturating_sub(now),
+                    last_reply.as_ref().map(|l| format!(": {l}")).unwrap_or_default()
+                ),
+                RcptState::Delivered { reply } => format!("delivered: {reply}"),
+                RcptState::Bounced { reply } => format!("bounced: {reply}"),
+            };
+            let _ = writeln!(out, "    {:<40} {state}", r.address);
+        }
+    }
+    let _ = writeln!(out, "{} message(s)", entries.len());
+    out
+}

@@ -143,8 +143,8 @@ pub enum MirrorError {
 /// What the mirror tells the relay service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MirrorEvent {
-    /// The client half synchronised with the peer; `taken_over` are ids in our queue that the
-    /// peer took over while we were away: drop them, the peer delivers them.
+    /// The client half synchronised with the peer; `taken_over` are ids the peer took over
+    /// while we were away, already removed from our queue (delivery must forget them).
     Synced { taken_over: Vec<MessageId> },
     /// The server half took these copies over (now in our queue): deliver them.
     TookOver { ids: Vec<MessageId> },
@@ -443,6 +443,22 @@ async fn client_session(
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(MirrorError::Timeout(io_timeout)),
     };
+    // The peer delivers these: drop them from our queue before delivery (which starts on
+    // `synced`) can see them.
+    if !taken_over.is_empty() {
+        let (spool, ids) = (spool.clone(), taken_over.clone());
+        let dropped = blocking(move || {
+            for id in &ids {
+                spool.remove(Area::Queue, id)?;
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = dropped {
+            return Err(MirrorError::Protocol(format!("dropping what the peer took over: {e}")));
+        }
+        info!(count = taken_over.len(), "the peer took these messages over while we were away: dropped here");
+    }
     let _ = events.send(MirrorEvent::Synced { taken_over }).await;
     synced.send_replace(true);
 

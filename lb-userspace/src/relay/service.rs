@@ -6,20 +6,38 @@
 //! spool and, at the same time, sent to the mirror; only when both are durable does the
 //! client hear `250`. Then it is handed to delivery, which removes it from both nodes when
 //! every recipient is delivered or bounced.
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::{
+    sync::{Mutex, mpsc, watch},
+    task::JoinHandle,
+};
 use tracing::{info, warn};
 
 use super::{
     ClientInfo, Envelope, MessageId, RcptVerdict,
-    mirror::{self, Copy, MirrorClient, MirrorEvent, MirrorSettings, MirrorStats},
+    delivery::{self, Backend, BackendState, Delivery, DeliveryHandle, QueueStore, StoreError},
+    mirror::{self, Copy, MirrorClient, MirrorEvent, MirrorSettings},
     recipients::RecipientPolicy,
+    session::{self, Acceptor, SessionSettings},
     spool::{Area, Spool},
 };
-use crate::config::{Config, relay::RelayConfig};
+use crate::{
+    config::{
+        Config,
+        relay::{DeliveryProtocol, RelayConfig, Routing},
+    },
+    control::Controller,
+    desired::Health,
+};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +121,8 @@ pub enum QueueAction {
     Show { id: String },
     Retry { id: String },
     Delete { id: String },
+    /// Re-read the valid-mailbox list.
+    Reload,
 }
 
 /// Reads the queue straight from the spool (the CLI does this when no agent runs).
@@ -208,27 +228,363 @@ impl Acceptance {
     }
 }
 
-/// Counters of the relay for metrics and status.
-pub fn mirror_stats(mirror: &Option<Arc<MirrorClient>>) -> Option<Arc<MirrorStats>> {
-    mirror.as_ref().map(|m| m.stats.clone())
+impl Acceptor for Acceptance {
+    fn check_rcpt(&self, rcpt: &str, client: &ClientInfo) -> RcptVerdict {
+        self.check(rcpt, client)
+    }
+
+    fn accept(&self, envelope: Envelope, content: Vec<u8>) -> impl std::future::Future<Output = Result<(), String>> + Send {
+        self.store(envelope, content)
+    }
 }
 
-/// Handles the mirror's events until `events` closes: drops what the peer took over, queues
-/// what we took over.
+/// The queue as delivery sees it: this node's spool, with every change copied to the mirror.
+struct MirroredQueue {
+    spool: Arc<Spool>,
+    mirror: Option<Arc<MirrorClient>>,
+}
+
+fn store_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::new(e.to_string())
+}
+
+impl QueueStore for MirroredQueue {
+    fn ids(&self) -> Result<Vec<MessageId>, StoreError> {
+        self.spool.ids(Area::Queue).map_err(store_error)
+    }
+
+    fn envelope(&self, id: &MessageId) -> Result<Envelope, StoreError> {
+        self.spool.envelope(Area::Queue, id).map_err(store_error)
+    }
+
+    fn load(&self, id: &MessageId) -> Result<(Envelope, Vec<u8>), StoreError> {
+        self.spool.load(Area::Queue, id).map_err(store_error)
+    }
+
+    fn record(&self, env: &Envelope) -> Result<(), StoreError> {
+        if env.is_done() {
+            self.spool.remove(Area::Queue, &env.id).map_err(store_error)?;
+            if let Some(m) = &self.mirror {
+                m.done(&env.id);
+            }
+        } else {
+            self.spool.update(Area::Queue, env).map_err(store_error)?;
+            if let Some(m) = &self.mirror {
+                m.update(env);
+            }
+        }
+        Ok(())
+    }
+
+    /// A bounce we generated: queued here and copied like an accepted message (in strict mode
+    /// a missing copy cannot refuse it: nobody is waiting for a reply, so it stays queued here
+    /// and the next resync copies it).
+    fn enqueue(&self, env: &Envelope, content: &[u8]) -> Result<(), StoreError> {
+        self.spool.store(Area::Queue, env, content).map_err(store_error)?;
+        if let Some(m) = &self.mirror {
+            let (m, env, content) = (m.clone(), env.clone(), Bytes::copy_from_slice(content));
+            // Delivery calls this on the blocking pool, where waiting on the runtime is allowed.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                if let Err(e) = handle.block_on(async move { m.replicate(&env, content).await }) {
+                    warn!(error = %e, "a bounce was queued without a mirror copy; the next resync copies it");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The relay's back-ends with the prober's verdicts (refreshed every second).
+struct ProbedBackends {
+    backends: Vec<Backend>,
+    healthy: RwLock<HashMap<String, bool>>,
+}
+
+impl delivery::Backends for ProbedBackends {
+    fn snapshot(&self) -> Vec<BackendState> {
+        let healthy = self.healthy.read().unwrap_or_else(|p| p.into_inner());
+        self.backends
+            .iter()
+            .map(|b| BackendState { backend: b.clone(), healthy: healthy.get(&b.name).copied().unwrap_or(true) })
+            .collect()
+    }
+}
+
+/// The running relay: what the control socket's queue commands act on.
+pub struct Relay {
+    spool: Arc<Spool>,
+    mirror: Option<Arc<MirrorClient>>,
+    policy: Arc<RecipientPolicy>,
+    /// Set once delivery has started (after the first exchange with the mirror).
+    delivery: Arc<Mutex<Option<DeliveryHandle>>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Relay {
+    /// Every queued message (own queue and the peer's copies).
+    pub async fn list(&self) -> Result<Vec<QueueEntry>, String> {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || list_spool(&spool)).await.map_err(|e| e.to_string())?
+    }
+
+    pub async fn show(&self, id: &str) -> Result<QueuedMessage, String> {
+        let (spool, id) = (self.spool.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || show_spool(&spool, &id)).await.map_err(|e| e.to_string())?
+    }
+
+    /// Tries a deferred message now.
+    pub async fn retry(&self, id: &str) -> Result<String, String> {
+        let id = self.own(id).await?;
+        match &*self.delivery.lock().await {
+            Some(d) => {
+                d.retry_now(id.clone());
+                Ok(format!("{id}: delivery attempt started"))
+            }
+            None => Err("delivery has not started yet (waiting for the mirror node)".into()),
+        }
+    }
+
+    /// Removes a message from the queue here and on the mirror, without delivering it.
+    pub async fn delete(&self, id: &str) -> Result<String, String> {
+        let id = self.own(id).await?;
+        if let Some(d) = &*self.delivery.lock().await {
+            d.forget(id.clone());
+        }
+        let (spool, gone) = (self.spool.clone(), id.clone());
+        tokio::task::spawn_blocking(move || spool.remove(Area::Queue, &gone))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if let Some(m) = &self.mirror {
+            m.done(&id);
+        }
+        info!(%id, "deleted from the queue by the operator");
+        Ok(format!("{id}: deleted"))
+    }
+
+    /// `id` parsed and present in this node's own queue.
+    async fn own(&self, id: &str) -> Result<MessageId, String> {
+        let id: MessageId = id.parse().map_err(|e: super::BadMessageId| e.to_string())?;
+        let (spool, probe) = (self.spool.clone(), id.clone());
+        let present = tokio::task::spawn_blocking(move || spool.ids(Area::Queue).map(|ids| ids.contains(&probe)))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if present { Ok(id) } else { Err(format!("no message {id} in this node's queue")) }
+    }
+
+    /// Re-reads the valid-mailbox list.
+    pub fn reload(&self) -> Result<String, String> {
+        self.policy.reload().map(|n| format!("{n} mailboxes")).map_err(|e| e.to_string())
+    }
+
+    /// Waits for every relay task (after the stop signal): sessions finish, delivery stops.
+    pub async fn stopped(&self) {
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+        if let Some(d) = self.delivery.lock().await.take() {
+            d.stopped().await;
+        }
+    }
+
+    /// Answers a control-socket request.
+    pub async fn handle(&self, action: QueueAction) -> Result<String, String> {
+        let json = |v: Result<String, serde_json::Error>| v.map_err(|e| e.to_string());
+        match action {
+            QueueAction::List => json(serde_json::to_string(&self.list().await?)),
+            QueueAction::Show { id } => json(serde_json::to_string(&self.show(&id).await?)),
+            QueueAction::Retry { id } => self.retry(&id).await,
+            QueueAction::Delete { id } => self.delete(&id).await,
+            QueueAction::Reload => self.reload(),
+        }
+    }
+}
+
+fn delivery_settings(r: &RelayConfig, config: &Config) -> Result<(delivery::Settings, Vec<Backend>), RelayError> {
+    let d = &r.delivery;
+    let backends: Vec<Backend> = d
+        .backends
+        .iter()
+        .filter_map(|name| config.backend(name))
+        .map(|b| Backend { name: b.name.clone(), address: SocketAddr::new(b.address, d.port()), weight: b.weight })
+        .collect();
+    let mut s = delivery::Settings::new(&r.hostname);
+    s.protocol = match d.protocol {
+        DeliveryProtocol::Smtp => delivery::Protocol::Smtp,
+        DeliveryProtocol::Lmtp => delivery::Protocol::Lmtp,
+    };
+    s.xclient = d.xclient;
+    s.routing = match d.routing {
+        Routing::Shared => delivery::Routing::Shared,
+        Routing::Partitioned => {
+            let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+            let mapping = match &d.mailbox_map {
+                Some(path) => Some(delivery::Mapping::load(path, &names).map_err(|e| RelayError::Setup(e.to_string()))?),
+                None => None,
+            };
+            delivery::Routing::Partitioned { mapping }
+        }
+    };
+    let step = Duration::from_millis(d.timeout_ms);
+    let t = &mut s.timeouts;
+    for slot in [&mut t.connect, &mut t.greeting, &mut t.mail, &mut t.rcpt, &mut t.data_start, &mut t.data_block] {
+        *slot = (*slot).min(step);
+    }
+    t.data_end = t.data_end.min(step * 2);
+    s.connections_per_backend = d.connections_per_backend as usize;
+    s.domain_concurrency = d.per_domain_concurrency as usize;
+    s.retry.first = Duration::from_millis(d.retry_first_ms);
+    s.retry.max = Duration::from_millis(d.retry_max_ms);
+    s.retry.lifetime = Duration::from_secs(d.max_queue_lifetime_s);
+    Ok((s, backends))
+}
+
+fn session_settings(r: &RelayConfig, tls: Option<Arc<rustls::ServerConfig>>) -> SessionSettings {
+    let mut s = SessionSettings::new(&r.hostname, &r.node_name);
+    s.max_message_size = r.max_message_size;
+    s.max_recipients = r.max_recipients as usize;
+    s.max_messages_per_session = r.max_messages_per_session;
+    s.max_sessions = r.max_sessions as usize;
+    s.max_sessions_per_source = r.max_sessions_per_source as usize;
+    s.command_timeout = Duration::from_millis(r.command_timeout_ms);
+    s.data_timeout = Duration::from_millis(r.data_timeout_ms);
+    s.tls = tls;
+    s
+}
+
+/// Starts the relay of `config` (if any) inside `mxlb run`: listeners on the relay VIP's ports
+/// (bound freely: the VIP arrives with VRRP), the mirror, and delivery once the first exchange
+/// with the mirror told us what the peer took over while we were away.
+pub async fn start(
+    config: &Config,
+    controller: Arc<Mutex<Controller>>,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<Arc<Relay>>, RelayError> {
+    let Some(r) = configured(config) else { return Ok(None) };
+    let vip = config.vip(&r.vip).ok_or_else(|| RelayError::Setup(format!("no VIP `{}`", r.vip)))?;
+    let spool = Arc::new(open_spool(&r.spool_dir)?);
+    let trusted = r
+        .trusted_networks
+        .iter()
+        .map(|c| c.parse::<crate::edge::Cidr>().map_err(|e| RelayError::Setup(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let policy = Arc::new(
+        RecipientPolicy::new(r.domains.clone(), trusted, r.mailboxes.clone()).map_err(|e| RelayError::Setup(e.to_string()))?,
+    );
+    let tls = starttls_config(r)?;
+    let (events_tx, events_rx) = mpsc::channel(64);
+    let mut tasks = Vec::new();
+    let mirror = match mirror_settings(r)? {
+        Some(settings) => {
+            let (client, task) = MirrorClient::start(settings.clone(), spool.clone(), events_tx.clone(), stop.clone());
+            tasks.push(task);
+            let (spool, stats, stop) = (spool.clone(), client.stats.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = mirror::serve(settings, spool, events_tx, stats, stop).await {
+                    warn!(error = %e, "mirror server stopped: this node keeps no copies for its peer");
+                }
+            }));
+            Some(client)
+        }
+        None => {
+            warn!("no [relay.mirror]: accepted messages are on this node's disk only");
+            None
+        }
+    };
+
+    let (submit_tx, mut submit_rx) = mpsc::unbounded_channel::<MessageId>();
+    let (forget_tx, mut forget_rx) = mpsc::unbounded_channel::<MessageId>();
+    let (dsettings, backends) = delivery_settings(r, config)?;
+    let probed = Arc::new(ProbedBackends { backends, healthy: RwLock::new(HashMap::new()) });
+    let relay = Arc::new(Relay {
+        spool: spool.clone(),
+        mirror: mirror.clone(),
+        policy: policy.clone(),
+        delivery: Arc::new(Mutex::new(None)),
+        tasks: std::sync::Mutex::new(Vec::new()),
+    });
+
+    tasks.push(tokio::spawn(mirror_events(events_rx, submit_tx.clone(), forget_tx)));
+    // The prober's verdicts, for routing around down back-ends.
+    {
+        let (probed, controller, mut stop) = (probed.clone(), controller.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tick.tick() => {
+                        let c = controller.lock().await;
+                        let verdicts: HashMap<String, bool> =
+                            probed.backends.iter().map(|b| (b.name.clone(), c.probed_health(&b.name) == Health::Up)).collect();
+                        drop(c);
+                        *probed.healthy.write().unwrap_or_else(|p| p.into_inner()) = verdicts;
+                    }
+                }
+            }
+        }));
+    }
+    // Delivery starts after the first mirror exchange (or `takeover_after` without one), so
+    // messages the peer delivered for us while we were down are not delivered again.
+    {
+        let (relay, mirror, spool, stop) = (relay.clone(), mirror.clone(), spool.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Some(m) = &mirror {
+                m.wait_first_sync().await;
+            }
+            if *stop.borrow() {
+                return;
+            }
+            let store = Arc::new(MirroredQueue { spool, mirror });
+            let handle = Delivery::start(dsettings, store, probed, stop.clone());
+            info!("relay delivery started");
+            *relay.delivery.lock().await = Some(handle);
+            let mut stop = stop;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    Some(id) = submit_rx.recv() => {
+                        if let Some(d) = &*relay.delivery.lock().await {
+                            d.submit(id);
+                        }
+                    }
+                    Some(id) = forget_rx.recv() => {
+                        if let Some(d) = &*relay.delivery.lock().await {
+                            d.forget(id);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    let acceptance = Arc::new(Acceptance { spool, mirror, policy, submit: submit_tx });
+    let settings = Arc::new(session_settings(r, tls));
+    for port in &vip.ports {
+        let addr = SocketAddr::new(vip.address, *port);
+        let listener = mirror::bind_freely(addr).map_err(|source| RelayError::Listen { addr, source })?;
+        info!(%addr, "relay listening");
+        tasks.push(tokio::spawn(session::serve(listener, settings.clone(), acceptance.clone(), stop.clone())));
+    }
+    *relay.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+    Ok(Some(relay))
+}
+
+/// Handles the mirror's events until they stop: drops what the peer took over (it delivers
+/// them), queues what we took over.
 async fn mirror_events(
     mut events: mpsc::Receiver<MirrorEvent>,
-    spool: Arc<Spool>,
     submit: mpsc::UnboundedSender<MessageId>,
     forget: mpsc::UnboundedSender<MessageId>,
 ) {
     while let Some(event) = events.recv().await {
         match event {
             MirrorEvent::Synced { taken_over } => {
+                // Already gone from the spool (the mirror removed them before reporting).
                 for id in taken_over {
-                    info!(%id, "the peer delivered this message while we were away: dropped here");
-                    let _ = forget.send(id.clone());
-                    let spool = spool.clone();
-                    let _ = tokio::task::spawn_blocking(move || spool.remove(Area::Queue, &id)).await;
+                    let _ = forget.send(id);
                 }
             }
             MirrorEvent::TookOver { ids } => {
@@ -239,6 +595,3 @@ async fn mirror_events(
         }
     }
 }
-
-#[allow(dead_code)]
-fn _unused(_: watch::Receiver<bool>) {}
