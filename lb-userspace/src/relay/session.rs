@@ -422,10 +422,441 @@ fn received_header(draft: &Draft, client: &ClientInfo, hostname: &str, id: &Mess
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("IPv6:{v6}"),
     };
-    let mut header = format!("Received: from {} ([{ip}])\r\n\tby {hostname} (mxlb) with {protocol} id {id}", draft.helo);
+    let mut header =
+        format!("Received: from {} ([{ip}])\r\n\tby {hostname} (mxlb) with {protocol} id {id}", draft.helo);
     if let [only] = draft.rcpts.as_slice() {
         header.push_str(&format!("\r\n\tfor <{only}>"));
     }
     header.push_str(&format!("; {date}\r\n"));
     header
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::{
+        io::{AsyncBufReadExt, AsyncRead, BufReader},
+        sync::Semaphore,
+        task::JoinHandle,
+    };
+
+    use super::*;
+
+    /// Records what it is given; `gate` (if set) holds each accept until the test opens it.
+    #[derive(Default)]
+    struct Recorder {
+        messages: StdMutex<Vec<(Envelope, Vec<u8>)>>,
+        gate: Option<Arc<Semaphore>>,
+        entered: tokio::sync::Notify,
+    }
+
+    impl Acceptor for Recorder {
+        fn check_rcpt(&self, rcpt: &str, _client: &ClientInfo) -> RcptVerdict {
+            if rcpt.ends_with("@example.net") { RcptVerdict::Accept } else { RcptVerdict::RelayDenied }
+        }
+
+        async fn accept(&self, envelope: Envelope, content: Vec<u8>) -> Result<(), String> {
+            self.entered.notify_one();
+            if let Some(gate) = &self.gate {
+                let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
+            }
+            self.messages.lock().unwrap().push((envelope, content));
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        fn taken(&self) -> Vec<(Envelope, Vec<u8>)> {
+            self.messages.lock().unwrap().clone()
+        }
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        acceptor: Arc<Recorder>,
+        stop: watch::Sender<bool>,
+        task: JoinHandle<()>,
+    }
+
+    impl Server {
+        /// Stops and waits for `serve` to return.
+        async fn stop(self) -> Arc<Recorder> {
+            self.stop.send_replace(true);
+            self.task.await.unwrap();
+            self.acceptor
+        }
+    }
+
+    fn settings() -> SessionSettings {
+        let mut s = SessionSettings::new("mx.test", "node-a");
+        s.shutdown_grace = Duration::from_secs(5);
+        s
+    }
+
+    async fn start(settings: SessionSettings, acceptor: Recorder) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = Arc::new(acceptor);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, Arc::new(settings), acceptor.clone(), rx));
+        Server { addr, acceptor, stop, task }
+    }
+
+    /// A line-oriented SMTP client over any stream.
+    struct Client<S> {
+        io: BufReader<S>,
+    }
+
+    impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+        /// One whole reply (all lines of a multi-line one); "" at end of stream.
+        async fn reply(&mut self) -> String {
+            let mut all = String::new();
+            loop {
+                let mut line = String::new();
+                match self.io.read_line(&mut line).await {
+                    Ok(0) | Err(_) => return all,
+                    Ok(_) => {}
+                }
+                all.push_str(&line);
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return all;
+                }
+            }
+        }
+
+        async fn send(&mut self, bytes: &[u8]) {
+            self.io.get_mut().write_all(bytes).await.unwrap();
+        }
+
+        async fn cmd(&mut self, line: &str) -> String {
+            self.send(line.as_bytes()).await;
+            self.reply().await
+        }
+
+        /// The server closed the connection.
+        async fn closed(&mut self) -> bool {
+            let mut rest = Vec::new();
+            matches!(self.io.read_to_end(&mut rest).await, Ok(0) | Err(_)) && rest.is_empty()
+        }
+    }
+
+    async fn connect(addr: SocketAddr) -> Client<TcpStream> {
+        Client { io: BufReader::new(TcpStream::connect(addr).await.unwrap()) }
+    }
+
+    /// Bounds every test: a hang is a failure, not a stuck CI run.
+    async fn within<F: Future>(f: F) -> F::Output {
+        timeout(Duration::from_secs(30), f).await.expect("test took too long")
+    }
+
+    #[tokio::test]
+    async fn a_full_session_queues_the_message_with_our_received_header() {
+        within(async {
+            let server = start(settings(), Recorder::default()).await;
+            let mut c = connect(server.addr).await;
+            assert_eq!(c.reply().await, "220 mx.test ESMTP mxlb\r\n");
+            let ehlo = c.cmd("EHLO client.test\r\n").await;
+            assert!(ehlo.starts_with("250-mx.test\r\n") && !ehlo.contains("STARTTLS"), "{ehlo}");
+            assert_eq!(c.cmd("MAIL FROM:<a@example.org> BODY=8BITMIME\r\n").await, "250 2.1.0 Ok\r\n");
+            assert_eq!(
+                c.cmd("RCPT TO:<x@elsewhere.test>\r\n").await,
+                "554 5.7.1 <x@elsewhere.test>: Relay access denied\r\n"
+            );
+            assert_eq!(c.cmd("RCPT TO:<b@example.net>\r\n").await, "250 2.1.5 Ok\r\n");
+            assert!(c.cmd("DATA\r\n").await.starts_with("354 "));
+            let reply = c.cmd("Subject: hi\r\n\r\n..body\r\n.\r\n").await;
+            let id = reply.strip_prefix("250 2.0.0 Ok: queued as ").unwrap().trim_end().to_string();
+            assert_eq!(c.cmd("QUIT\r\n").await, "221 2.0.0 Bye\r\n");
+            assert!(c.closed().await);
+
+            let got = server.stop().await.taken();
+            assert_eq!(got.len(), 1);
+            let (env, content) = &got[0];
+            assert_eq!(env.id.as_str(), id);
+            assert_eq!(env.mail_from, "a@example.org");
+            assert_eq!(env.rcpts, vec![Recipient::new("b@example.net".into())]);
+            assert_eq!(env.accepted_by, "node-a");
+            assert!(env.eight_bit && !env.smtputf8);
+            assert_eq!(env.client.addr.ip(), IpAddr::from([127, 0, 0, 1]));
+            assert_eq!(env.client.helo, "client.test");
+            assert!(!env.client.tls && !env.client.authenticated);
+            assert_eq!(env.size, content.len() as u64);
+            let text = String::from_utf8(content.clone()).unwrap();
+            let head = format!(
+                "Received: from client.test ([127.0.0.1])\r\n\tby mx.test (mxlb) with ESMTP id {id}\r\n\tfor <b@example.net>; "
+            );
+            assert!(text.starts_with(&head), "{text}");
+            assert!(text.ends_with(" +0000\r\nSubject: hi\r\n\r\n.body\r\n"), "{text}");
+        })
+        .await;
+    }
+
+    #[test]
+    fn received_header_for_several_recipients_and_protocols() {
+        let draft = |esmtp, rcpts: &[&str]| Draft {
+            helo: "h.test".into(),
+            esmtp,
+            mail_from: String::new(),
+            rcpts: rcpts.iter().map(|r| r.to_string()).collect(),
+            eight_bit: false,
+            smtputf8: false,
+            content: Vec::new(),
+        };
+        let id: MessageId = "0123456789abcdef01234567".parse().unwrap();
+        let mut client = ClientInfo {
+            addr: "[2001:db8::1]:25".parse().unwrap(),
+            helo: String::new(),
+            tls: true,
+            authenticated: true,
+        };
+        let d = "Mon, 1 Jan 2024 00:00:00 +0000";
+        assert_eq!(
+            received_header(&draft(true, &["a@x", "b@x"]), &client, "mx", &id, d),
+            format!("Received: from h.test ([IPv6:2001:db8::1])\r\n\tby mx (mxlb) with ESMTPSA id {id}; {d}\r\n")
+        );
+        client.authenticated = false;
+        assert!(received_header(&draft(true, &["a@x"]), &client, "mx", &id, d).contains(" with ESMTPS id "));
+        client.tls = false;
+        assert!(received_header(&draft(false, &["a@x"]), &client, "mx", &id, d).contains(" with SMTP id "));
+    }
+
+    #[tokio::test]
+    async fn a_client_vanishing_mid_data_queues_nothing() {
+        within(async {
+            let server = start(settings(), Recorder::default()).await;
+            let mut c = connect(server.addr).await;
+            c.reply().await;
+            c.cmd("EHLO client.test\r\n").await;
+            c.cmd("MAIL FROM:<a@example.org>\r\n").await;
+            c.cmd("RCPT TO:<b@example.net>\r\n").await;
+            assert!(c.cmd("DATA\r\n").await.starts_with("354 "));
+            c.send(b"Subject: half\r\n\r\nonly half of it\r\n").await;
+            drop(c);
+            assert!(server.stop().await.taken().is_empty());
+        })
+        .await;
+    }
+
+    /// Writes one byte at a time until the server stops reading (bounded).
+    fn trickle(mut w: tokio::net::tcp::OwnedWriteHalf) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            for _ in 0..400 {
+                if w.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_slowloris_command_line_is_cut_off() {
+        within(async {
+            let mut s = settings();
+            s.command_deadline = Duration::from_millis(300);
+            let server = start(s, Recorder::default()).await;
+            let (r, w) = TcpStream::connect(server.addr).await.unwrap().into_split();
+            let mut c = Client { io: BufReader::new(tokio::io::join(r, tokio::io::sink())) };
+            assert!(c.reply().await.starts_with("220 "));
+            let writer = trickle(w);
+            // Each byte comes well within command_timeout (300 s); the line deadline ends it.
+            assert_eq!(c.reply().await, "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+            assert!(c.closed().await);
+            writer.abort();
+            server.stop().await;
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_slowloris_message_is_cut_off_and_not_queued() {
+        within(async {
+            let mut s = settings();
+            s.data_deadline = Duration::from_millis(300);
+            let server = start(s, Recorder::default()).await;
+            let (r, w) = TcpStream::connect(server.addr).await.unwrap().into_split();
+            let mut c = Client { io: BufReader::new(tokio::io::join(r, w)) };
+            c.reply().await;
+            c.cmd("EHLO client.test\r\n").await;
+            c.cmd("MAIL FROM:<a@example.org>\r\n").await;
+            c.cmd("RCPT TO:<b@example.net>\r\n").await;
+            assert!(c.cmd("DATA\r\n").await.starts_with("354 "));
+            let (r, w) = c.io.into_inner().into_inner();
+            let mut c = Client { io: BufReader::new(tokio::io::join(r, tokio::io::sink())) };
+            let writer = trickle(w);
+            assert_eq!(c.reply().await, "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+            assert!(c.closed().await);
+            writer.abort();
+            assert!(server.stop().await.taken().is_empty());
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn connections_per_source_are_limited() {
+        within(async {
+            let mut s = settings();
+            s.max_sessions_per_source = 2;
+            let server = start(s, Recorder::default()).await;
+            let mut first = connect(server.addr).await;
+            let mut second = connect(server.addr).await;
+            assert!(first.reply().await.starts_with("220 "));
+            assert!(second.reply().await.starts_with("220 "));
+            let mut third = connect(server.addr).await;
+            assert_eq!(third.reply().await, "421 4.7.0 Too many connections from your address\r\n");
+            assert!(third.closed().await);
+            // A slot comes back when a session ends.
+            assert_eq!(first.cmd("QUIT\r\n").await, "221 2.0.0 Bye\r\n");
+            assert!(first.closed().await);
+            let mut greeted = false;
+            for _ in 0..100 {
+                let mut again = connect(server.addr).await;
+                if again.reply().await.starts_with("220 ") {
+                    greeted = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(greeted, "the slot of the ended session was not given back");
+            drop(second);
+            server.stop().await;
+        })
+        .await;
+    }
+
+    /// A CA, a server certificate for mx.test and a client certificate, all signed by the CA.
+    struct Pki {
+        server: Arc<rustls::ServerConfig>,
+        roots: rustls::RootCertStore,
+        client_chain: Vec<CertificateDer<'static>>,
+        client_key: PrivateKeyDer<'static>,
+    }
+
+    fn pki() -> Pki {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |name: &str, usage| {
+            let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            (cert.der().clone(), PrivateKeyDer::from(PrivatePkcs8KeyDer::from(key.serialize_der())))
+        };
+        let (server_cert, server_key) = leaf("mx.test", ExtendedKeyUsagePurpose::ServerAuth);
+        let (client_cert, client_key) = leaf("client.test", ExtendedKeyUsagePurpose::ClientAuth);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots.clone()), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![server_cert], server_key)
+            .unwrap();
+        Pki { server: Arc::new(server), roots, client_chain: vec![client_cert], client_key }
+    }
+
+    /// STARTTLS, then a message; returns what the acceptor got.
+    async fn tls_session(with_client_cert: bool) -> (Envelope, String) {
+        let pki = pki();
+        let mut s = settings();
+        s.tls = Some(pki.server.clone());
+        let server = start(s, Recorder::default()).await;
+        let mut c = connect(server.addr).await;
+        c.reply().await;
+        assert!(c.cmd("EHLO client.test\r\n").await.contains("250-STARTTLS\r\n"));
+        assert_eq!(c.cmd("STARTTLS\r\n").await, "220 2.0.0 Ready to start TLS\r\n");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(pki.roots.clone());
+        let config = if with_client_cert {
+            builder.with_client_auth_cert(pki.client_chain.clone(), pki.client_key.clone_key()).unwrap()
+        } else {
+            builder.with_no_client_auth()
+        };
+        let tcp = c.io.into_inner();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("mx.test").unwrap(), tcp)
+            .await
+            .unwrap();
+        let mut c = Client { io: BufReader::new(tls) };
+        // The session starts over: EHLO again, no STARTTLS offered now.
+        assert_eq!(c.cmd("MAIL FROM:<a@example.org>\r\n").await, "503 5.5.1 Error: send HELO/EHLO first\r\n");
+        assert!(!c.cmd("EHLO client.test\r\n").await.contains("STARTTLS"));
+        c.cmd("MAIL FROM:<a@example.org>\r\n").await;
+        c.cmd("RCPT TO:<b@example.net>\r\n").await;
+        c.cmd("DATA\r\n").await;
+        assert!(c.cmd("x\r\n.\r\n").await.starts_with("250 2.0.0 Ok: queued as "));
+        assert_eq!(c.cmd("QUIT\r\n").await, "221 2.0.0 Bye\r\n");
+        let mut got = server.stop().await.taken();
+        assert_eq!(got.len(), 1);
+        let (env, content) = got.remove(0);
+        (env, String::from_utf8(content).unwrap())
+    }
+
+    #[tokio::test]
+    async fn starttls_without_a_client_certificate() {
+        within(async {
+            let (env, content) = tls_session(false).await;
+            assert!(env.client.tls);
+            assert!(!env.client.authenticated);
+            assert!(content.contains(" with ESMTPS id "), "{content}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn starttls_with_a_client_certificate_authenticates() {
+        within(async {
+            let (env, content) = tls_session(true).await;
+            assert!(env.client.tls);
+            assert!(env.client.authenticated);
+            assert!(content.contains(" with ESMTPSA id "), "{content}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn stop_tells_idle_sessions_and_lets_a_message_finish() {
+        within(async {
+            let gate = Arc::new(Semaphore::new(0));
+            let server = start(settings(), Recorder { gate: Some(gate.clone()), ..Recorder::default() }).await;
+            let mut idle = connect(server.addr).await;
+            idle.reply().await;
+            let mut busy = connect(server.addr).await;
+            busy.reply().await;
+            busy.cmd("EHLO client.test\r\n").await;
+            busy.cmd("MAIL FROM:<a@example.org>\r\n").await;
+            busy.cmd("RCPT TO:<b@example.net>\r\n").await;
+            busy.cmd("DATA\r\n").await;
+            busy.send(b"x\r\n.\r\n").await;
+            server.acceptor.entered.notified().await;
+
+            server.stop.send_replace(true);
+            assert_eq!(idle.reply().await, "421 4.3.2 mx.test Service shutting down\r\n");
+            assert!(idle.closed().await);
+            // The message being queued is answered before the session is told to go.
+            gate.add_permits(1);
+            assert!(busy.reply().await.starts_with("250 2.0.0 Ok: queued as "));
+            assert_eq!(busy.reply().await, "421 4.3.2 mx.test Service shutting down\r\n");
+            assert!(busy.closed().await);
+            server.task.await.unwrap();
+            assert_eq!(server.acceptor.taken().len(), 1);
+        })
+        .await;
+    }
 }

@@ -174,7 +174,12 @@ enum Mode {
     Command,
     Data,
     /// Reading a BDAT chunk; `rejected` chunks are read and discarded (RFC 3030 §2).
-    Chunk { remaining: u64, size: u64, last: bool, rejected: Option<ChunkReject> },
+    Chunk {
+        remaining: u64,
+        size: u64,
+        last: bool,
+        rejected: Option<ChunkReject>,
+    },
     AwaitingResult,
     AwaitingTls,
     Closed,
@@ -616,11 +621,7 @@ impl SmtpServer {
         };
         let (verb, arg) = text.split_once(' ').unwrap_or((text, ""));
         let verb = verb.to_ascii_uppercase();
-        if !self.authenticated
-            && !rest.is_empty()
-            && verb != "QUIT"
-            && (!self.esmtp || !pipelinable(&verb))
-        {
+        if !self.authenticated && !rest.is_empty() && verb != "QUIT" && (!self.esmtp || !pipelinable(&verb)) {
             self.desync(out);
             return;
         }
@@ -648,7 +649,9 @@ impl SmtpServer {
                 }
             }
             "EXPN" | "AUTH" => self.error(out, 502, "5.5.1 Error: command not implemented"),
-            "HELP" => self.reply(out, 214, "2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS"),
+            "HELP" => {
+                self.reply(out, 214, "2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS")
+            }
             "STARTTLS" => self.starttls(arg, out),
             "" => self.error(out, 500, "5.5.2 Error: bad syntax"),
             _ => self.error(out, 500, "5.5.2 Error: command not recognized"),
@@ -721,7 +724,9 @@ impl SmtpServer {
         }
         match check_address(path, tx.smtputf8) {
             Ok(Address::Null) => {}
-            Ok(Address::Postmaster) => return self.error(out, 501, "5.1.7 Bad sender address syntax: malformed address"),
+            Ok(Address::Postmaster) => {
+                return self.error(out, 501, "5.1.7 Bad sender address syntax: malformed address");
+            }
             Ok(Address::Mailbox(addr)) => tx.mail_from = addr.to_string(),
             Err(PathError::NeedsSmtpUtf8) => {
                 return self.error(out, 553, &format!("5.6.7 Error: {}", PathError::NeedsSmtpUtf8));
@@ -1013,9 +1018,7 @@ fn check_address(path: &str, smtputf8: bool) -> Result<Address<'_>, PathError> {
         return Err(PathError::DomainTooLong);
     }
     let domain_ok = if let Some(literal) = domain.strip_prefix('[') {
-        literal
-            .strip_suffix(']')
-            .is_some_and(|l| !l.is_empty() && l.bytes().all(|b| matches!(b, 33..=90 | 94..=126)))
+        literal.strip_suffix(']').is_some_and(|l| !l.is_empty() && l.bytes().all(|b| matches!(b, 33..=90 | 94..=126)))
     } else {
         !domain.is_empty()
             && domain.split('.').all(|label| {
@@ -1136,7 +1139,10 @@ mod tests {
         // Nothing is answered while the message is being queued.
         assert!(feed(&mut s, b"QUIT\r\n").is_empty());
         let out = s.message_result(Ok(&id()), &accept_all);
-        assert_eq!(texts(&out), ["250 2.0.0 Ok: queued as 0123456789abcdef01234567\r\n", "221 2.0.0 Bye\r\n", "<close>"]);
+        assert_eq!(
+            texts(&out),
+            ["250 2.0.0 Ok: queued as 0123456789abcdef01234567\r\n", "221 2.0.0 Bye\r\n", "<close>"]
+        );
     }
 
     #[test]
@@ -1183,17 +1189,32 @@ mod tests {
         let mut s = server();
         say(&mut s, "EHLO c\r\n");
         assert_eq!(say(&mut s, "MAIL TO:<a@b.c>\r\n"), "501 5.5.4 Syntax: MAIL FROM:<address>\r\n");
-        assert_eq!(say(&mut s, "MAIL FROM:a@b.c\r\n"), "501 5.1.7 Bad sender address syntax: address must be enclosed in <>\r\n");
-        assert_eq!(say(&mut s, "MAIL FROM:<a b@c.d>\r\n"), "501 5.1.7 Bad sender address syntax: malformed address\r\n");
+        assert_eq!(
+            say(&mut s, "MAIL FROM:a@b.c\r\n"),
+            "501 5.1.7 Bad sender address syntax: address must be enclosed in <>\r\n"
+        );
+        assert_eq!(
+            say(&mut s, "MAIL FROM:<a b@c.d>\r\n"),
+            "501 5.1.7 Bad sender address syntax: malformed address\r\n"
+        );
         assert_eq!(say(&mut s, "MAIL FROM:<ab.c>\r\n"), "501 5.1.7 Bad sender address syntax: malformed address\r\n");
         assert_eq!(say(&mut s, "MAIL FROM:<a@b.c> FOO=1\r\n"), "555 5.5.4 Unsupported option: FOO=1\r\n");
         assert_eq!(say(&mut s, "MAIL FROM:<a@b.c> BODY=BINARYMIME\r\n"), "501 5.5.4 Unsupported BODY parameter\r\n");
         assert_eq!(say(&mut s, "MAIL FROM:<a@b.c> SIZE=x\r\n"), "501 5.5.4 Bad SIZE parameter syntax\r\n");
         // Tolerated as Postfix does: a space after the colon; a source route is ignored.
         assert_eq!(say(&mut s, "MAIL FROM: <@relay.example:a@b.c> BODY=8BITMIME SIZE=100\r\n"), "250 2.1.0 Ok\r\n");
-        assert_eq!(say(&mut s, "RCPT TO:<>\r\n"), "501 5.1.3 Bad recipient address syntax: the null address <> is not allowed here\r\n");
-        assert_eq!(say(&mut s, "RCPT TO:b@c.d\r\n"), "501 5.1.3 Bad recipient address syntax: address must be enclosed in <>\r\n");
-        assert_eq!(say(&mut s, "RCPT TO:<b@c..d>\r\n"), "501 5.1.3 Bad recipient address syntax: malformed address\r\n");
+        assert_eq!(
+            say(&mut s, "RCPT TO:<>\r\n"),
+            "501 5.1.3 Bad recipient address syntax: the null address <> is not allowed here\r\n"
+        );
+        assert_eq!(
+            say(&mut s, "RCPT TO:b@c.d\r\n"),
+            "501 5.1.3 Bad recipient address syntax: address must be enclosed in <>\r\n"
+        );
+        assert_eq!(
+            say(&mut s, "RCPT TO:<b@c..d>\r\n"),
+            "501 5.1.3 Bad recipient address syntax: malformed address\r\n"
+        );
         assert_eq!(say(&mut s, "RCPT TO:<b@c.d> NOTIFY=NEVER\r\n"), "555 5.5.4 Unsupported option: NOTIFY=NEVER\r\n");
         assert_eq!(say(&mut s, "RCPT FROM:<b@c.d>\r\n"), "501 5.5.4 Syntax: RCPT TO:<address>\r\n");
         assert_eq!(say(&mut s, "RCPT TO:<\"john doe\"@c.d>\r\n"), "250 2.1.5 Ok\r\n");
@@ -1236,7 +1257,10 @@ mod tests {
             _ => RcptVerdict::Accept,
         };
         let mut rcpt = |line: &str| texts(&s.feed(line.as_bytes(), &check)).join("");
-        assert_eq!(rcpt("RCPT TO:<relay@elsewhere.test>\r\n"), "554 5.7.1 <relay@elsewhere.test>: Relay access denied\r\n");
+        assert_eq!(
+            rcpt("RCPT TO:<relay@elsewhere.test>\r\n"),
+            "554 5.7.1 <relay@elsewhere.test>: Relay access denied\r\n"
+        );
         assert_eq!(
             rcpt("RCPT TO:<nobody@example.net>\r\n"),
             "550 5.1.1 <nobody@example.net>: Recipient address rejected: User unknown\r\n"
@@ -1321,7 +1345,10 @@ mod tests {
         let mut s = SmtpServer::new(settings, false);
         say(&mut s, "EHLO c\r\n");
         assert!(say(&mut s, "EHLO c\r\n").contains("250-SIZE 100\r\n"));
-        assert_eq!(say(&mut s, "MAIL FROM:<a@b.c> SIZE=101\r\n"), "552 5.3.4 Error: message size exceeds fixed limit\r\n");
+        assert_eq!(
+            say(&mut s, "MAIL FROM:<a@b.c> SIZE=101\r\n"),
+            "552 5.3.4 Error: message size exceeds fixed limit\r\n"
+        );
         assert_eq!(say(&mut s, "MAIL FROM:<a@b.c> SIZE=100\r\n"), "250 2.1.0 Ok\r\n");
         say(&mut s, "RCPT TO:<b@c.d>\r\n");
         say(&mut s, "DATA\r\n");
@@ -1485,7 +1512,10 @@ mod tests {
         assert!(only_crlf(c), "{seq:?}: bare CR or LF in {:?}", String::from_utf8_lossy(c));
         let text = String::from_utf8_lossy(c);
         assert!(text.starts_with("Subject: innocent\r\n\r\nhello"), "{seq:?}: {text:?}");
-        assert!(text.contains("MAIL FROM:<admin@example.net>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"), "{seq:?}: {text:?}");
+        assert!(
+            text.contains("MAIL FROM:<admin@example.net>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"),
+            "{seq:?}: {text:?}"
+        );
         assert!(text.ends_with("smuggled\r\n"), "{seq:?}: {text:?}");
         assert_eq!(all.last().map(String::as_str), Some("<message>"), "{seq:?}: no reply before the result");
     }
@@ -1589,7 +1619,8 @@ mod tests {
     }
 
     fn desynced(actions: &[Action]) -> bool {
-        texts(actions).ends_with(&["554 5.5.0 Error: SMTP protocol synchronization\r\n".to_string(), "<close>".to_string()])
+        texts(actions)
+            .ends_with(&["554 5.5.0 Error: SMTP protocol synchronization\r\n".to_string(), "<close>".to_string()])
             && !actions.iter().any(|a| matches!(a, Action::Message(_)))
     }
 
