@@ -727,6 +727,23 @@ mod tests {
         .await;
     }
 
+    #[tokio::test]
+    async fn total_sessions_are_limited() {
+        within(async {
+            let mut s = settings();
+            s.max_sessions = 1;
+            let server = start(s, Recorder::default()).await;
+            let mut first = connect(server.addr).await;
+            assert!(first.reply().await.starts_with("220 "));
+            let mut second = connect(server.addr).await;
+            assert_eq!(second.reply().await, "421 4.3.2 mx.test Error: too many sessions, try again later\r\n");
+            assert!(second.closed().await);
+            drop(first);
+            server.stop().await;
+        })
+        .await;
+    }
+
     /// A CA, a server certificate for mx.test and a client certificate, all signed by the CA.
     struct Pki {
         server: Arc<rustls::ServerConfig>,
