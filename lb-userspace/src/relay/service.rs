@@ -443,13 +443,18 @@ fn delivery_settings(r: &RelayConfig, config: &Config) -> Result<(delivery::Sett
 
 fn session_settings(r: &RelayConfig, tls: Option<Arc<rustls::ServerConfig>>) -> SessionSettings {
     let mut s = SessionSettings::new(&r.hostname, &r.node_name);
-    s.max_message_size = r.max_message_size;
-    s.max_recipients = r.max_recipients as usize;
-    s.max_messages_per_session = r.max_messages_per_session;
+    s.smtp.max_message_size = r.max_message_size;
+    s.smtp.max_recipients = r.max_recipients as usize;
+    s.smtp.max_messages = r.max_messages_per_session;
+    s.smtp.starttls = tls.is_some();
     s.max_sessions = r.max_sessions as usize;
     s.max_sessions_per_source = r.max_sessions_per_source as usize;
+    // The RFC timeouts bound each read; the deadlines bound a whole command line or message
+    // (so a client trickling one byte at a time cannot hold a session).
     s.command_timeout = Duration::from_millis(r.command_timeout_ms);
-    s.data_timeout = Duration::from_millis(r.data_timeout_ms);
+    s.command_deadline = Duration::from_millis(r.command_timeout_ms);
+    s.data_block_timeout = Duration::from_millis(r.data_timeout_ms);
+    s.data_deadline = s.data_deadline.max(Duration::from_millis(r.data_timeout_ms));
     s.tls = tls;
     s
 }
