@@ -261,6 +261,11 @@ fn latency(lab: &Lab, sinks: &DumpSinks, target: SocketAddr, drained: &dyn Fn() 
     Ok((p99, keep))
 }
 
+/// The 1-minute load average (`/proc/loadavg`).
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
 fn tail(s: &str, n: usize) -> String {
     let l: Vec<&str> = s.lines().collect();
     l[l.len().saturating_sub(n)..].join("\n")
@@ -379,6 +384,7 @@ pub fn run() -> Result<()> {
     }
     require_postfix()?;
     let machine = machine();
+    let load_start = loadavg();
     println!(
         "== relay: {BACKENDS} back-ends (smtp-sink, dumping), {} messages of {MSG_SIZE} B per run, {CONCURRENCY} sessions, {} runs per row",
         p.messages, p.repeats
@@ -459,6 +465,8 @@ pub fn run() -> Result<()> {
         "trials": trials.iter().map(Trial::json).collect::<Vec<_>>(),
         "trial_error": trial_error,
         "machine": machine,
+        // Other work on the machine disturbs the figures: the 1-minute load around the run.
+        "load_average_1m": [load_start, loadavg()],
         "date": today(),
     });
     super::write_bench("relay", &json)?;
@@ -490,4 +498,26 @@ pub fn run() -> Result<()> {
         bail!("{}", problems.join("\n"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_instants_are_spread_within_the_unit_interval() {
+        let mut rng = Rng::new();
+        let v: Vec<f64> = (0..1000).map(|_| rng.next_f64()).collect();
+        assert!(v.iter().all(|x| (0.0..1.0).contains(x)));
+        assert!(v.iter().any(|&x| x < 0.2) && v.iter().any(|&x| x > 0.8), "{v:?}");
+    }
+
+    #[test]
+    fn a_row_reports_the_median_of_its_runs() {
+        let run = |completed, ms| Run { completed, elapsed: Duration::from_millis(ms), failures: 0, delivered_after: Duration::ZERO };
+        let row = Row { runs: vec![run(5000, 10_000), run(5000, 5_000), run(5000, 20_000)], ..Default::default() };
+        assert_eq!(row.rate(), Some(500.0));
+        assert_eq!(Row::default().rate(), None);
+        assert_eq!(row.json()["runs"][1]["msgs_per_s"], 1000.0);
+    }
 }
