@@ -6,7 +6,10 @@
 //! - `failover`: VRRP failover on the wire, mxlb and keepalived pairs, sessions held across it;
 //! - `l4`: SMTP sessions/s, p99 and connect/s straight to a back-end (the floor), through mxlb
 //!   dsr-l2 and dsr-ipip and through HAProxy `mode tcp`, with LB CPU per 1000 sessions; also
-//!   writes target/bench/l4.png.
+//!   writes target/bench/l4.png;
+//! - `relay`: accepted msgs/s of mxlb's store-and-forward relay (strict synchronous mirroring)
+//!   next to a Postfix 3.7 relay on the same lab, p99 accept latency, and kill trials (SIGKILL
+//!   of the master node during a run) counting lost (must be 0) and duplicated messages.
 //!
 //! `xdp` and `l4` also regenerate their sections of bench/RESULTS.md (and `l4` the README's).
 

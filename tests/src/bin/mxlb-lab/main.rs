@@ -14,6 +14,7 @@ use lab::{
 mod bench_failover;
 mod bench_health;
 mod bench_l4;
+mod bench_relay;
 mod bench_xdp;
 
 /// Writes `target/bench/NAME.json` (`MXLB_BENCH_DIR` overrides the directory) and says where.
@@ -99,7 +100,7 @@ fn machine() -> String {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS] [--ha]\n       mxlb-lab bench xdp|health|failover|l4"
+        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS] [--ha]\n       mxlb-lab bench xdp|health|failover|l4|relay"
     );
     std::process::exit(2)
 }
@@ -113,7 +114,8 @@ fn main() {
             Some("health") => bench_health::run(),
             Some("failover") => bench_failover::run(),
             Some("l4") => bench_l4::run(),
-            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp, health, failover, l4)")),
+            Some("relay") => bench_relay::run(),
+            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp, health, failover, l4, relay)")),
             None => usage(),
         },
         _ => usage(),
