@@ -99,6 +99,8 @@ pub struct RelayOpts {
     pub on_failure: String,
     /// `smtp` (to smtp-sink on 25) or `lmtp` (to Dovecot on 24).
     pub protocol: String,
+    /// `[relay] domains`.
+    pub domains: Vec<String>,
     /// Lines added to `[relay]` (e.g. limits, `mailboxes = "..."`).
     pub relay_extra: String,
     /// Lines added to `[relay.delivery]`.
@@ -115,6 +117,7 @@ impl Default for RelayOpts {
         RelayOpts {
             on_failure: "strict".into(),
             protocol: "smtp".into(),
+            domains: vec![DOMAIN.into()],
             relay_extra: String::new(),
             delivery_extra: "retry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000".into(),
             takeover_after_ms: 1000,
@@ -142,12 +145,13 @@ pub fn relay_toml(lab: &Lab, k: usize, certs: &RelayCerts, spool: &Path, opts: &
     }
     s += &format!(
         "[relay]\nvip = \"relay\"\nnode_name = \"lb{k}\"\nhostname = \"mx.{DOMAIN}\"\nspool_dir = \"{spool}\"\n\
-         domains = [\"{DOMAIN}\"]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntls_client_ca = \"{ca}\"\n{extra}\n\n\
+         domains = [{domains}]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntls_client_ca = \"{ca}\"\n{extra}\n\n\
          [relay.delivery]\nbackends = [{backends}]\nprotocol = \"{proto}\"\n{dextra}\n\n",
         spool = spool.display(),
         cert = certs.server.cert.display(),
         key = certs.server.key.display(),
         ca = certs.ca.display(),
+        domains = opts.domains.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", "),
         extra = opts.relay_extra,
         proto = opts.protocol,
         dextra = opts.delivery_extra,

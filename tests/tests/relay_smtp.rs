@@ -81,8 +81,9 @@ fn relay_conformance_and_security() -> Result<()> {
     let mailboxes = std::env::temp_dir().join(format!("{}-mailboxes", lab.prefix()));
     std::fs::write(&mailboxes, "# valid users\nu@example.net\npostmaster@example.net\n@catchall.example.net\n")?;
     let opts = RelayOpts {
+        domains: vec!["example.net".into(), "catchall.example.net".into()],
         relay_extra: format!(
-            "domains = [\"example.net\", \"catchall.example.net\"]\nmailboxes = \"{}\"\ncommand_timeout_ms = 1500\ndata_timeout_ms = 1500\nmax_sessions_per_source = 20",
+            "mailboxes = \"{}\"\ncommand_timeout_ms = 1500\ndata_timeout_ms = 1500\nmax_sessions_per_source = 20",
             mailboxes.display()
         ),
         ..Default::default()
@@ -212,7 +213,9 @@ s.quit()
                 s.sinks.message(other).is_some_and(|m| m.contains(&marker) && !m.contains(&format!("Subject: smuggling {i}")))
             }).count();
             ensure!(smuggled == 0, "a second message was made from the smuggled commands");
-            ensure!(!msg.contains("before\n.") && !msg.contains("\r.\r"), "a bare line end was forwarded:\n{msg:?}");
+            // smtp-sink writes its dump with LF line ends, so a CR left in it was a bare CR
+            // that we forwarded (bare LF is ruled out by the unit tests of the SMTP machine).
+            ensure!(!msg.contains('\r'), "a bare CR was forwarded:\n{msg:?}");
             Ok(())
         });
     }
@@ -255,8 +258,9 @@ s.quit()
             c.send(b"Subject: 1000 recipients\r\n\r\nhi\r\n.\r\n")?;
             let r = c.reply()?;
             ensure!(r.code == 250, "{r:?}");
-            Ok(())
+            r.queue_id().context("no queue id")
         })
+        .and_then(|id| s.arrived(&id).map(|_| ()))
     });
 
     s.section("a client vanishing mid-DATA leaves nothing queued", |s| {
