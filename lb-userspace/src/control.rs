@@ -262,6 +262,11 @@ impl Controller {
 
     /// VRRP: this node became master of `vips` (`active`) or stopped being it. Published at
     /// once: the data path must balance before the addresses are announced.
+    /// Whether this node serves VIP `name` now (not on VRRP standby).
+    pub fn vip_active(&self, name: &str) -> bool {
+        !self.standby.contains(name)
+    }
+
     pub fn set_vips_active(&mut self, vips: &[String], active: bool) -> Result<ApplyReport, ControlError> {
         let before = self.standby.clone();
         for v in vips {

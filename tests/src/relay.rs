@@ -540,41 +540,138 @@ impl RawSmtp {
 pub struct KillTrial {
     /// When LB 1 was killed, after the load started.
     pub killed_after: Duration,
-    pub source: crate::SourceResult,
+    /// How long after the kill LB 2 was VRRP master (None: not within 10 s).
+    pub lb2_master_after: Option<Duration>,
+    /// The smtp-source runs: the first one usually ends at the crash (smtp-source gives up on
+    /// a broken session), the next ones carry on against LB 2 until `messages` were sent.
+    pub runs: Vec<crate::SourceResult>,
+    /// Messages the runs completed (DATA finished) in all.
+    pub completed: u64,
+    /// Until every acknowledged id had arrived (or the bound).
+    pub arrival_wait: Duration,
+    /// Over the messages of this trial only.
     pub outcome: Reconciliation,
+}
+
+/// Arrivals once they stopped changing for 2 s (bounded: 30 s).
+pub fn settled(sinks: &DumpSinks) -> HashMap<String, usize> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = sinks.received();
+    let mut since = Instant::now();
+    while Instant::now() < deadline && since.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = sinks.received();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+    last
 }
 
 /// The crash trial of the issue: smtp-source sends `messages` (4 KiB, 20 sessions, `-v` so its
 /// log carries every `250 ... queued as ID`) to the VIP while LB 1 (VRRP master, primary) is
 /// SIGKILLed `kill_after` into the run; LB 2 takes the VIP (VRRP) and LB 1's copies (mirror
-/// takeover). Waits (bounded) until every acknowledged id reached a back-end and reconciles.
-/// LB 1 stays down; [`RelayPair::restart_lb1`] brings it back.
-pub fn kill_trial(lab: &Lab, pair: &mut RelayPair, sinks: &DumpSinks, messages: u32, kill_after: Duration) -> Result<KillTrial> {
-    let opts = crate::SourceOpts {
-        sessions: messages,
-        concurrency: 20,
-        msg_size: 4096,
-        to: format!("rcpt@{DOMAIN}"),
-        timeout: Duration::from_secs(120),
-        extra: vec!["-v".into()],
-        ..Default::default()
-    };
+/// takeover), and the load goes on against it. Waits (bounded) until every acknowledged id
+/// reached a back-end and arrivals settled, then reconciles what arrived during this trial
+/// (earlier trials on the same sinks are not counted again). LB 1 stays down;
+/// [`RelayPair::restart_lb1`] brings it back.
+///
+/// In `strict` mode LB 2 alone refuses mail with 451 (it has no peer for copies), so the load
+/// only goes on once LB 1 is back: `restart_after` restarts it that long after the kill (it
+/// then learns which of its messages LB 2 took over, and drops them). In `degraded` mode LB 2
+/// accepts alone, and `None` leaves LB 1 down.
+pub fn kill_trial(
+    lab: &Lab,
+    pair: &mut RelayPair,
+    sinks: &DumpSinks,
+    messages: u32,
+    kill_after: Duration,
+    restart_after: Option<Duration>,
+) -> Result<KillTrial> {
+    let before = sinks.received();
     let vip = pair.vip();
-    let (source, killed_after) = std::thread::scope(|s| -> Result<(crate::SourceResult, Duration)> {
-        let started = Instant::now();
-        let load = s.spawn(|| lab.smtp_source(vip, &opts));
+    let started = Instant::now();
+    let (runs, killed_after, lb2_master_after) = std::thread::scope(|s| -> Result<_> {
+        let load = s.spawn(|| -> Result<Vec<crate::SourceResult>> {
+            let mut runs: Vec<crate::SourceResult> = Vec::new();
+            let mut completed = 0u64;
+            while completed < u64::from(messages) && runs.len() < 40 && started.elapsed() < Duration::from_secs(240) {
+                let opts = crate::SourceOpts {
+                    sessions: messages - completed as u32,
+                    concurrency: 20,
+                    msg_size: 4096,
+                    to: format!("rcpt@{DOMAIN}"),
+                    timeout: Duration::from_secs(120),
+                    extra: vec!["-v".into()],
+                    ..Default::default()
+                };
+                let r = lab.smtp_source(vip, &opts)?;
+                completed += r.completed;
+                let short = r.completed < u64::from(opts.sessions);
+                runs.push(r);
+                if short {
+                    // The VIP is moving, or the survivor refuses without a peer: try again
+                    // a little later, as a sending MTA would.
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+            Ok(runs)
+        });
         std::thread::sleep(kill_after);
         pair.lb1.kill();
         let killed_after = started.elapsed();
-        let source = load.join().map_err(|_| anyhow::anyhow!("the smtp-source thread panicked"))??;
-        Ok((source, killed_after))
+        let killed = Instant::now();
+        let master = pair.lb2.as_ref().and_then(|lb2| {
+            wait_vrrp(lb2, INSTANCE, mxlb::vrrp::instance::State::Master, Duration::from_secs(10)).ok().map(|_| killed.elapsed())
+        });
+        if let Some(after) = restart_after {
+            std::thread::sleep(after.saturating_sub(killed.elapsed()));
+            pair.restart_lb1()?;
+        }
+        let runs = load.join().map_err(|_| anyhow::anyhow!("the smtp-source thread panicked"))??;
+        Ok((runs, killed_after, master))
     })?;
-    let acknowledged = acknowledged_ids(&source.stderr);
-    let received = sinks.wait_for(&acknowledged, Duration::from_secs(60));
-    Ok(KillTrial { killed_after, outcome: reconcile(&acknowledged, &received), source })
+    let acknowledged: Vec<String> = runs.iter().flat_map(|r| acknowledged_ids(&r.stderr)).collect();
+    let t0 = Instant::now();
+    sinks.wait_for(&acknowledged, Duration::from_secs(90));
+    let arrival_wait = t0.elapsed();
+    let during: HashMap<String, usize> = settled(sinks)
+        .into_iter()
+        .filter_map(|(id, n)| {
+            let n = n - before.get(&id).copied().unwrap_or(0).min(n);
+            (n > 0).then_some((id, n))
+        })
+        .collect();
+    Ok(KillTrial {
+        killed_after,
+        lb2_master_after,
+        completed: runs.iter().map(|r| r.completed).sum(),
+        runs,
+        arrival_wait,
+        outcome: reconcile(&acknowledged, &during),
+    })
 }
 
 impl RelayPair<'_> {
+    /// Sends one small message from the client until the relay answers 250 (bounded): the
+    /// relay accepts mail again (e.g. once its mirror link is back). Returns the ids accepted.
+    pub fn wait_accepting(&self, timeout: Duration) -> Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let vip = self.vip();
+        loop {
+            let reply = self.lab.client().ns().run(move || -> Result<SmtpReply> {
+                let (mut c, _) = RawSmtp::connect(vip)?;
+                c.send_message("probe@example.com", &[&format!("probe@{DOMAIN}")], b"Subject: probe\r\n\r\nprobe\r\n")
+            })?;
+            match reply {
+                Ok(r) if r.code == 250 => return Ok(r.queue_id().into_iter().collect()),
+                other if Instant::now() > deadline => bail!("the relay does not accept mail after {timeout:?}: {other:?}"),
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
     /// Starts LB 1 again (after [`kill_trial`]) and waits until it is master and serving.
     pub fn restart_lb1(&mut self) -> Result<()> {
         self.lb1.launch()?;

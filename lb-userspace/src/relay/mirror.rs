@@ -8,7 +8,9 @@
 //!   (`Done`, the peer drops its copy);
 //! - the **server** ([`serve`]) keeps the peer's copies and takes them over (moves them into its
 //!   own queue and delivers them) when the peer's connection has been gone for
-//!   `takeover_after`: the peer died, or VRRP moved its VIP here because it did.
+//!   `takeover_after` while this node serves the relay VIP (VRRP moved it here because the
+//!   peer died; a node that merely restarted, or lost the link to a peer that still serves,
+//!   does not take over).
 //!
 //! The channel is mutual TLS with the cluster's CA: only a node holding a certificate from that
 //! CA can store, read or delete copies (an attacker on the LAN can neither inject mail nor read
@@ -92,6 +94,11 @@ pub struct MirrorSettings {
     /// Where the ids taken over from the peer are remembered until the peer has heard of
     /// them (one empty file per id; survives restarts).
     pub taken_over_dir: PathBuf,
+    /// Whether this node serves the relay VIP now (VRRP master, or no VRRP for it). A silent
+    /// link alone does not prove the peer dead (this node may be the one that restarted, or
+    /// the link may be cut while the peer still serves); the copies are taken over only while
+    /// the VIP is here, which VRRP moves only when the peer is gone.
+    pub serving: Arc<AtomicBool>,
 }
 
 /// Mutual-TLS configs for both halves from this node's certificate and key and the cluster
@@ -394,7 +401,7 @@ async fn client_loop(
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 debug!(peer = %settings.peer, error = %e, "mirror link down");
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
         tokio::select! {
@@ -583,7 +590,7 @@ pub async fn serve(
                 });
             }
             _ = check.tick() => {
-                if link.takeover_due(settings.takeover_after) {
+                if settings.serving.load(Ordering::Relaxed) && link.takeover_due(settings.takeover_after) {
                     match take_over(&settings, &spool).await {
                         Ok(ids) => {
                             if !ids.is_empty() {
@@ -766,13 +773,16 @@ async fn peer_session<T: AsyncRead + AsyncWrite + Unpin>(
                             let _ = done_tx.send(Frame::new(reply)).await;
                         });
                     }
+                    // Not waited for: each is an fsync, and a Done held up behind others is a
+                    // copy a takeover would deliver twice. They concern messages whose Store
+                    // was confirmed before, so they never overtake it.
                     Header::Update { envelope } => {
                         let spool = spool.clone();
-                        let _ = blocking(move || spool.update(Area::Replica, &envelope)).await;
+                        tokio::spawn(blocking(move || spool.update(Area::Replica, &envelope)));
                     }
                     Header::Done { id } => {
                         let spool = spool.clone();
-                        let _ = blocking(move || spool.remove(Area::Replica, &id)).await;
+                        tokio::spawn(blocking(move || spool.remove(Area::Replica, &id)));
                     }
                     Header::Ping => send(&mut io, &Frame::new(Header::Pong)).await?,
                     other => return Err(MirrorError::Protocol(format!("unexpected {other:?}"))),

@@ -101,6 +101,7 @@ pub fn mirror_settings(r: &RelayConfig) -> Result<Option<MirrorSettings>, RelayE
         ack_timeout: Duration::from_millis(m.ack_timeout_ms),
         max_message_size: r.max_message_size,
         taken_over_dir: r.spool_dir.join("taken-over"),
+        serving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     }))
 }
 
@@ -481,7 +482,9 @@ pub async fn start(
     let tls = starttls_config(r)?;
     let (events_tx, events_rx) = mpsc::channel(64);
     let mut tasks = Vec::new();
-    let mirror = match mirror_settings(r)? {
+    let settings = mirror_settings(r)?;
+    let serving = settings.as_ref().map(|s| s.serving.clone());
+    let mirror = match settings {
         Some(settings) => {
             let (client, task) = MirrorClient::start(settings.clone(), spool.clone(), events_tx.clone(), stop.clone());
             tasks.push(task);
@@ -512,11 +515,13 @@ pub async fn start(
     });
 
     tasks.push(tokio::spawn(mirror_events(events_rx, submit_tx.clone(), forget_tx)));
-    // The prober's verdicts, for routing around down back-ends.
+    // The prober's verdicts, for routing around down back-ends; and whether this node serves
+    // the relay VIP (the mirror takes over only then).
     {
         let (probed, controller, mut stop) = (probed.clone(), controller.clone(), stop.clone());
+        let vip_name = r.vip.clone();
         tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
                 tokio::select! {
                     _ = stop.changed() => break,
@@ -524,7 +529,11 @@ pub async fn start(
                         let c = controller.lock().await;
                         let verdicts: HashMap<String, bool> =
                             probed.backends.iter().map(|b| (b.name.clone(), c.probed_health(&b.name) == Health::Up)).collect();
+                        let active = c.vip_active(&vip_name);
                         drop(c);
+                        if let Some(s) = &serving {
+                            s.store(active, std::sync::atomic::Ordering::Relaxed);
+                        }
                         *probed.healthy.write().unwrap_or_else(|p| p.into_inner()) = verdicts;
                     }
                 }

@@ -35,17 +35,15 @@
 //! Options (after `bench relay`): `--messages N` (per run, default [`MESSAGES`]), `--repeats N`,
 //! `--trials N`, `--kill-messages N`.
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use lab::{
-    AddrFamily, Lab, SourceOpts, SourceResult, loadgen,
+    AddrFamily, Lab, SourceOpts, loadgen,
     postfix::{PostfixRelay, require_postfix},
-    relay::{DumpSinks, INSTANCE, RelayOpts, RelayPair, acknowledged_ids, reconcile, relay_lab},
-    vrrp::wait_vrrp,
+    relay::{DumpSinks, RelayOpts, RelayPair, relay_lab},
 };
 use serde_json::{Value, json};
 
@@ -66,10 +64,6 @@ const FROM: &str = "sender@example.com";
 const TO: &str = "rcpt@example.net";
 /// Bound on waiting for a run's messages to arrive at the sinks.
 const DELIVERY_LIMIT: Duration = Duration::from_secs(180);
-/// Bound on waiting for a kill trial's acknowledged ids to arrive.
-const ARRIVAL_LIMIT: Duration = Duration::from_secs(120);
-/// Arrivals unchanged this long: a late duplicate would have shown up.
-const SETTLE: Duration = Duration::from_secs(3);
 
 struct Params {
     messages: u32,
@@ -147,7 +141,9 @@ impl Row {
 /// One crash trial.
 struct Trial {
     kill_at: Duration,
-    source: SourceResult,
+    /// Messages smtp-source completed over the trial's runs.
+    completed: u64,
+    runs: usize,
     acknowledged: usize,
     arrived: usize,
     lost: Vec<String>,
@@ -160,9 +156,8 @@ impl Trial {
     fn json(&self) -> Value {
         json!({
             "kill_at_s": round(self.kill_at.as_secs_f64(), 3),
-            "source_completed": self.source.completed,
-            "source_failures": self.source.failures(),
-            "source_elapsed_s": round(self.source.elapsed.as_secs_f64(), 2),
+            "source_completed": self.completed,
+            "source_runs": self.runs,
             "acknowledged": self.acknowledged,
             "arrived": self.arrived,
             "lost": self.lost.len(),
@@ -302,75 +297,40 @@ impl Rng {
     }
 }
 
-/// Arrivals once they have stopped changing for [`SETTLE`] (bounded: 30 s).
-fn settled(sinks: &DumpSinks) -> HashMap<String, usize> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = sinks.received();
-    let mut since = Instant::now();
-    while Instant::now() < deadline && since.elapsed() < SETTLE {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = sinks.received();
-        if now != last {
-            last = now;
-            since = Instant::now();
-        }
-    }
-    last
-}
-
-/// One crash trial on a fresh pair and fresh sinks; `rate` (msgs/s) places the kill.
+/// One crash trial ([`lab::relay::kill_trial`]) on a fresh pair and fresh sinks; `rate`
+/// (msgs/s) places the kill between a quarter and three quarters into the run.
 fn kill_trial(lab: &Lab, p: &Params, rate: f64, rng: &mut Rng, k: usize) -> Result<Trial> {
     let sinks = DumpSinks::start(lab)?;
     let mut pair = RelayPair::start(lab, RelayOpts::default()).context("starting the relay pair")?;
-    let vip = pair.vip();
     let expected = Duration::from_secs_f64(f64::from(p.kill_messages) / rate.max(1.0));
     let kill_at = expected.mul_f64(0.25 + 0.5 * rng.next_f64());
-    let mut opts = source_opts(p.kill_messages);
-    opts.extra = vec!["-v".into()];
-    opts.timeout = opts.timeout.max(Duration::from_secs(180));
-    let client = lab.client().ns().clone();
-    let (source, lb2_master_after) = std::thread::scope(|s| -> Result<(SourceResult, Option<Duration>)> {
-        let src = s.spawn(move || lab::smtp_source(&client, vip, &opts));
-        std::thread::sleep(kill_at);
-        pair.lb1.kill();
-        let master = pair.lb2.as_ref().and_then(|lb2| {
-            wait_vrrp(lb2, INSTANCE, mxlb::vrrp::instance::State::Master, Duration::from_secs(10)).ok()
-        });
-        let source = src.join().map_err(|_| anyhow::anyhow!("smtp-source thread panicked"))??;
-        Ok((source, master))
-    })?;
-    let acked = acknowledged_ids(&source.stderr);
-    let t0 = Instant::now();
-    sinks.wait_for(&acked, ARRIVAL_LIMIT);
-    let arrival_wait = t0.elapsed();
-    let received = settled(&sinks);
-    let rec = reconcile(&acked, &received);
+    // Strict mirroring: LB 1 comes back 2 s after the crash so the load can go on.
+    let t = lab::relay::kill_trial(lab, &mut pair, &sinks, p.kill_messages, kill_at, Some(Duration::from_secs(2)))?;
     let trial = Trial {
-        kill_at,
-        acknowledged: rec.acknowledged,
-        arrived: rec.arrived,
-        lost: rec.lost,
-        duplicates: rec.duplicates,
-        lb2_master_after,
-        arrival_wait,
-        source,
+        kill_at: t.killed_after,
+        acknowledged: t.outcome.acknowledged,
+        arrived: t.outcome.arrived,
+        lost: t.outcome.lost.clone(),
+        duplicates: t.outcome.duplicates,
+        lb2_master_after: t.lb2_master_after,
+        arrival_wait: t.arrival_wait,
+        completed: t.completed,
+        runs: t.runs.len(),
     };
     eprintln!(
-        "  kill trial {k}: SIGKILL at {:.2} s; {} acknowledged ({} completed, {} failures), {} arrived, {} lost, {} duplicates; LB 2 master after {:?}",
-        kill_at.as_secs_f64(),
+        "  kill trial {k}: SIGKILL at {:.2} s; {} acknowledged ({} completed in {} run(s)), {} arrived, {} lost, {} duplicates; LB 2 master after {:?}",
+        trial.kill_at.as_secs_f64(),
         trial.acknowledged,
-        trial.source.completed,
-        trial.source.failures(),
+        trial.completed,
+        trial.runs,
         trial.arrived,
         trial.lost.len(),
         trial.duplicates,
         trial.lb2_master_after
     );
     if trial.acknowledged == 0 {
-        bail!(
-            "kill trial {k}: no `250 ... queued as ID` reply in smtp-source's log (mxlb's relay did not accept anything?):\n{}",
-            tail(&trial.source.stderr, 10)
-        );
+        let log = t.runs.first().map(|r| tail(&r.stderr, 10)).unwrap_or_default();
+        bail!("kill trial {k}: no `250 ... queued as ID` reply in smtp-source's log (mxlb's relay did not accept anything?):\n{log}");
     }
     drop(pair);
     drop(sinks);
