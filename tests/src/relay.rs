@@ -57,36 +57,36 @@ pub fn node_cert_name(k: usize) -> String {
 impl RelayCerts {
     /// Makes a CA and the identities in `dir`.
     pub fn generate(dir: &Path) -> Result<RelayCerts> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
         std::fs::create_dir_all(dir)?;
-        let ca_for = |cn: &str| -> Result<(rcgen::Certificate, KeyPair)> {
+        let ca_for = |cn: &str| -> Result<(rcgen::Certificate, Issuer<'static, KeyPair>)> {
             let mut params = CertificateParams::new(Vec::<String>::new())?;
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params.distinguished_name.push(DnType::CommonName, cn);
             let key = KeyPair::generate()?;
             let cert = params.self_signed(&key)?;
-            Ok((cert, key))
+            Ok((cert, Issuer::new(params, key)))
         };
-        let (ca, ca_key) = ca_for("mxlb test cluster CA")?;
-        let (other_ca, other_key) = ca_for("someone else's CA")?;
+        let (ca, issuer) = ca_for("mxlb test cluster CA")?;
+        let (_, other) = ca_for("someone else's CA")?;
         let ca_path = dir.join("ca.pem");
         std::fs::write(&ca_path, ca.pem())?;
-        let issue = |name: &str, file: &str, signer: &rcgen::Certificate, signer_key: &KeyPair| -> Result<Identity> {
+        let issue = |name: &str, file: &str, signer: &Issuer<'static, KeyPair>| -> Result<Identity> {
             let mut params = CertificateParams::new(vec![name.to_string()])?;
             params.distinguished_name.push(DnType::CommonName, name);
             params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
             let key = KeyPair::generate()?;
-            let cert = params.signed_by(&key, signer, signer_key)?;
+            let cert = params.signed_by(&key, signer)?;
             let id = Identity { cert: dir.join(format!("{file}.pem")), key: dir.join(format!("{file}.key")) };
             std::fs::write(&id.cert, cert.pem())?;
             std::fs::write(&id.key, key.serialize_pem())?;
             Ok(id)
         };
         Ok(RelayCerts {
-            nodes: vec![issue(&node_cert_name(1), "lb1", &ca, &ca_key)?, issue(&node_cert_name(2), "lb2", &ca, &ca_key)?],
-            server: issue("mx.example.net", "server", &ca, &ca_key)?,
-            client: issue("client.example.com", "client", &ca, &ca_key)?,
-            stranger: issue("stranger.example.org", "stranger", &other_ca, &other_key)?,
+            nodes: vec![issue(&node_cert_name(1), "lb1", &issuer)?, issue(&node_cert_name(2), "lb2", &issuer)?],
+            server: issue("mx.example.net", "server", &issuer)?,
+            client: issue("client.example.com", "client", &issuer)?,
+            stranger: issue("stranger.example.org", "stranger", &other)?,
             ca: ca_path,
         })
     }
