@@ -285,10 +285,10 @@ impl QueueStore for MirroredQueue {
         if let Some(m) = &self.mirror {
             let (m, env, content) = (m.clone(), env.clone(), Bytes::copy_from_slice(content));
             // Delivery calls this on the blocking pool, where waiting on the runtime is allowed.
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                if let Err(e) = handle.block_on(async move { m.replicate(&env, content).await }) {
-                    warn!(error = %e, "a bounce was queued without a mirror copy; the next resync copies it");
-                }
+            if let Ok(handle) = tokio::runtime::Handle::try_current()
+                && let Err(e) = handle.block_on(async move { m.replicate(&env, content).await })
+            {
+                warn!(error = %e, "a bounce was queued without a mirror copy; the next resync copies it");
             }
         }
         Ok(())

@@ -1032,6 +1032,24 @@ fn check_address(path: &str, smtputf8: bool) -> Result<Address<'_>, PathError> {
     Ok(Address::Mailbox(mailbox))
 }
 
+/// The fake end-of-data sequences of SMTP smuggling (CVE-2023-51764/51765/51766,
+/// mail-reference.md): none of them may end DATA, each must stay content. Public so the unit
+/// tests here and the end-to-end suite (through a VIP, to real back-ends) use one list.
+pub const SMUGGLING_SEQUENCES: [&[u8]; 12] = [
+    b"\n.\n",
+    b"\n.\r",
+    b"\r.\n",
+    b"\r.\r",
+    b"\n.\r\n",
+    b"\r.\r\n",
+    b"\r\n.\n",
+    b"\r\n.\r",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\x00\r\n",
+    b"\r\n.\r\r\n",
+    b"\r\r\n.\r\r\n",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1477,23 +1495,6 @@ mod tests {
         assert_eq!(d[0].content, b"a\r\nb\r\nc\r\n\r\nd\r\n\r\ne\r\n");
     }
 
-    /// The sequences of CVE-2023-51764/51765/51766: each followed by a whole smuggled
-    /// transaction, then the real end of data.
-    const SMUGGLING: [&[u8]; 12] = [
-        b"\n.\n",
-        b"\n.\r",
-        b"\r.\n",
-        b"\r.\r",
-        b"\n.\r\n",
-        b"\r.\r\n",
-        b"\r\n.\n",
-        b"\r\n.\r",
-        b"\r\n\x00.\r\n",
-        b"\r\n.\x00\r\n",
-        b"\r\n.\r\r\n",
-        b"\r\r\n.\r\r\n",
-    ];
-
     fn smuggling_input(seq: &[u8]) -> Vec<u8> {
         let mut input = b"Subject: innocent\r\n\r\nhello".to_vec();
         input.extend_from_slice(seq);
@@ -1522,7 +1523,7 @@ mod tests {
 
     #[test]
     fn smuggling_sequences_are_content_in_one_piece() {
-        for seq in SMUGGLING {
+        for seq in SMUGGLING_SEQUENCES {
             let mut s = server();
             in_data(&mut s);
             check_smuggled(seq, feed(&mut s, &smuggling_input(seq)));
@@ -1531,7 +1532,7 @@ mod tests {
 
     #[test]
     fn smuggling_sequences_are_content_byte_by_byte() {
-        for seq in SMUGGLING {
+        for seq in SMUGGLING_SEQUENCES {
             let mut s = server();
             in_data(&mut s);
             let mut actions = Vec::new();
@@ -1544,7 +1545,7 @@ mod tests {
 
     #[test]
     fn smuggling_sequences_are_content_for_an_authenticated_pipelining_client() {
-        for seq in SMUGGLING {
+        for seq in SMUGGLING_SEQUENCES {
             let mut s = SmtpServer::new(SmtpSettings::new("mx.test"), true);
             let mut input = b"EHLO c\r\n".to_vec();
             let mut all = feed(&mut s, &input);
