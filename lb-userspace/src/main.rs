@@ -853,7 +853,13 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
             return Err(e).context("setting up VRRP");
         }
     };
-    let metrics = Arc::new(mxlb::metrics::Metrics::new());
+    let metrics = {
+        let mut m = mxlb::metrics::Metrics::new();
+        if let Some(r) = &relay {
+            m.register_relay(r.clone());
+        }
+        Arc::new(m)
+    };
     let prober = tokio::spawn(mxlb::prober::run(controller.clone(), health_settings, metrics.clone(), stop_rx.clone()));
     let metrics_server = node.metrics_listen.map(|addr| {
         tokio::spawn(mxlb::metrics::serve(addr, metrics.clone(), controller.clone(), wait_stop(stop_rx.clone())))

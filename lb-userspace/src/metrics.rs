@@ -108,6 +108,11 @@ impl Metrics {
         Metrics { registry, probe_duration, probe_failures, current }
     }
 
+    /// Exports the relay's counters (`mxlb_relay_*`).
+    pub fn register_relay(&mut self, relay: Arc<crate::relay::service::Relay>) {
+        self.registry.register_collector(Box::new(RelayCollector(relay)));
+    }
+
     /// Records one probe result.
     pub fn observe_probe(&self, backend: &str, check: &str, result: Result<Duration, ()>) {
         let labels = ProbeLabels { backend: backend.to_string(), check: check.to_string() };
@@ -221,6 +226,45 @@ impl Collector for StatusCollector {
             for (reason, n) in &r.dropped {
                 ConstCounter::new(*n).encode(me.encode_family(&[("instance", r.name.as_str()), ("reason", reason.as_str())])?)?;
             }
+        }
+        Ok(())
+    }
+}
+
+struct RelayCollector(Arc<crate::relay::service::Relay>);
+
+impl std::fmt::Debug for RelayCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RelayCollector")
+    }
+}
+
+impl Collector for RelayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.snapshot();
+        let counters: [(&str, &str, u64); 7] = [
+            ("relay_accepted", "Messages answered 250 (stored on both nodes, or this one in degraded mode)", s.accepted),
+            ("relay_refused_unstored", "Messages answered 451 because no second copy (or no local copy) was possible", s.refused_unstored),
+            ("relay_mirror_copies_confirmed", "Copies the peer confirmed as durable", s.copies_confirmed),
+            ("relay_mirror_copies_failed", "Copies the peer did not confirm", s.copies_failed),
+            ("relay_accepted_unmirrored", "Messages accepted on this node's disk only (degraded mode): the alarm", s.accepted_unmirrored),
+            ("relay_mirror_resynced", "Copies sent again to a returning peer", s.resynced),
+            ("relay_taken_over", "The peer's messages taken over after it died", s.taken_over),
+        ];
+        for (name, help, n) in counters {
+            let me = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(n).encode(me)?;
+        }
+        let mut gauges: Vec<(&str, &str, i64)> = vec![
+            ("relay_queued", "Messages in this node's queue", s.queued as i64),
+            ("relay_replicas", "Copies held for the peer", s.replicas as i64),
+        ];
+        if let Some(up) = s.mirror_connected {
+            gauges.push(("relay_mirror_connected", "1 while the link to the peer is up", up as i64));
+        }
+        for (name, help, n) in gauges {
+            let me = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(n).encode(me)?;
         }
         Ok(())
     }

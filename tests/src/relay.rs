@@ -112,6 +112,11 @@ pub struct RelayOpts {
     pub mirrored: bool,
 }
 
+/// Where LB `k` serves `/metrics` in the relay scenario.
+pub fn metrics_addr(lab: &Lab, k: usize) -> SocketAddr {
+    SocketAddr::new(lab.lb_n(k).v4().into(), 9464)
+}
+
 impl Default for RelayOpts {
     fn default() -> Self {
         RelayOpts {
@@ -196,7 +201,12 @@ impl<'a> RelayPair<'a> {
             MxlbNode::start_on(
                 lab,
                 k,
-                NodeOpts { ports: vec![], extra: Some(relay_toml(lab, k, &certs, &spool, &opts)), ..Default::default() },
+                NodeOpts {
+                    ports: vec![],
+                    metrics_listen: Some(metrics_addr(lab, k)),
+                    extra: Some(relay_toml(lab, k, &certs, &spool, &opts)),
+                    ..Default::default()
+                },
             )
         };
         let lb2 = if opts.mirrored { Some(node(2)?) } else { None };
@@ -233,6 +243,20 @@ impl<'a> RelayPair<'a> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// LB `k`'s Prometheus metrics (fetched from the client's namespace).
+    pub fn metrics(&self, k: usize) -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let addr = metrics_addr(self.lab, k);
+        self.lab.client().ns().run(move || -> Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lb\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })?
     }
 
     /// Queue ids in LB `k`'s spool area (`queue` or `replica`), read from the file names.
@@ -385,6 +409,11 @@ impl Drop for DumpSinks {
         self.sinks.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The value of metric `name` (no labels) in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 /// Lost and duplicated messages: acknowledged ids that never arrived, and arrivals beyond one.

@@ -139,6 +139,10 @@ fn degraded_mode_accepts_alone_and_resyncs_the_backlog() -> Result<()> {
     let acknowledged = acknowledged_ids(&r.stderr);
     ensure!(acknowledged.len() == 50, "degraded mode refused mail: {} of 50 ({:?})", acknowledged.len(), r.warnings);
     ensure!(pair.spooled(2, "replica").is_empty());
+    // The alarm: every message accepted on one disk is counted, and the link shows down.
+    let m = pair.metrics(1)?;
+    ensure!(lab::relay::metric(&m, "mxlb_relay_accepted_unmirrored_total") == Some(50.0), "metrics:\n{m}");
+    ensure!(lab::relay::metric(&m, "mxlb_relay_mirror_connected") == Some(0.0), "metrics:\n{m}");
     if let Some(lb2) = pair.lb2.as_mut() {
         lb2.launch()?;
     }
@@ -154,6 +158,9 @@ fn degraded_mode_accepts_alone_and_resyncs_the_backlog() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let m = pair.metrics(1)?;
+    ensure!(lab::relay::metric(&m, "mxlb_relay_mirror_connected") == Some(1.0), "metrics:\n{m}");
+    ensure!(lab::relay::metric(&m, "mxlb_relay_mirror_resynced_total").is_some_and(|n| n >= 50.0), "metrics:\n{m}");
     Ok(())
 }
 

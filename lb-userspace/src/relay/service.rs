@@ -178,6 +178,34 @@ pub struct Acceptance {
     policy: Arc<RecipientPolicy>,
     /// Accepted messages go to delivery through this.
     submit: mpsc::UnboundedSender<MessageId>,
+    counters: Arc<RelayCounters>,
+}
+
+/// What the relay counts for `/metrics`.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Messages answered 250.
+    pub accepted: std::sync::atomic::AtomicU64,
+    /// Messages answered 451 because they could not be stored on both nodes (or this one).
+    pub refused_unstored: std::sync::atomic::AtomicU64,
+}
+
+/// The relay's figures at one instant (`/metrics`, `mxlb status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelaySnapshot {
+    pub accepted: u64,
+    pub refused_unstored: u64,
+    /// Messages in this node's queue, and copies held for the peer.
+    pub queued: u64,
+    pub replicas: u64,
+    /// None without `[relay.mirror]`.
+    pub mirror_connected: Option<bool>,
+    pub copies_confirmed: u64,
+    pub copies_failed: u64,
+    /// Accepted on this node's disk only (`degraded` mode): the alarm.
+    pub accepted_unmirrored: u64,
+    pub resynced: u64,
+    pub taken_over: u64,
 }
 
 impl Acceptance {
@@ -208,11 +236,13 @@ impl Acceptance {
         let (local, copy) = tokio::join!(local, copy);
         match (local, copy) {
             (Ok(()), Ok(_)) => {
+                self.counters.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = self.submit.send(id);
                 Ok(())
             }
             (Err(e), copy) => {
                 warn!(%id, error = %e, "spool write failed: the message is refused with 451");
+                self.counters.refused_unstored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let (Ok(Some(Copy::Mirrored)), Some(m)) = (copy, &self.mirror) {
                     m.done(&id);
                 }
@@ -220,6 +250,7 @@ impl Acceptance {
             }
             (Ok(()), Err(e)) => {
                 warn!(%id, error = %e, "no mirror copy (strict mode): the message is refused with 451");
+                self.counters.refused_unstored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let spool = self.spool.clone();
                 let gone = id.clone();
                 let _ = tokio::task::spawn_blocking(move || spool.remove(Area::Queue, &gone)).await;
@@ -315,6 +346,7 @@ impl delivery::Backends for ProbedBackends {
 pub struct Relay {
     spool: Arc<Spool>,
     mirror: Option<Arc<MirrorClient>>,
+    counters: Arc<RelayCounters>,
     policy: Arc<RecipientPolicy>,
     /// Set once delivery has started (after the first exchange with the mirror).
     delivery: Arc<Mutex<Option<DeliveryHandle>>>,
@@ -322,6 +354,28 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// The relay's counters and queue sizes now (reads the spool directories: blocking).
+    pub fn snapshot(&self) -> RelaySnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let count = |area| self.spool.ids(area).map(|ids| ids.len() as u64).unwrap_or(0);
+        let mut s = RelaySnapshot {
+            accepted: self.counters.accepted.load(Relaxed),
+            refused_unstored: self.counters.refused_unstored.load(Relaxed),
+            queued: count(Area::Queue),
+            replicas: count(Area::Replica),
+            ..Default::default()
+        };
+        if let Some(m) = &self.mirror {
+            s.mirror_connected = Some(m.is_connected());
+            s.copies_confirmed = m.stats.copies_confirmed.load(Relaxed);
+            s.copies_failed = m.stats.copies_failed.load(Relaxed);
+            s.accepted_unmirrored = m.stats.accepted_unmirrored.load(Relaxed);
+            s.resynced = m.stats.resynced.load(Relaxed);
+            s.taken_over = m.stats.taken_over.load(Relaxed);
+        }
+        s
+    }
+
     /// Every queued message (own queue and the peer's copies).
     pub async fn list(&self) -> Result<Vec<QueueEntry>, String> {
         let spool = self.spool.clone();
@@ -506,9 +560,11 @@ pub async fn start(
     let (forget_tx, mut forget_rx) = mpsc::unbounded_channel::<MessageId>();
     let (dsettings, backends) = delivery_settings(r, config)?;
     let probed = Arc::new(ProbedBackends { backends, healthy: RwLock::new(HashMap::new()) });
+    let counters = Arc::new(RelayCounters::default());
     let relay = Arc::new(Relay {
         spool: spool.clone(),
         mirror: mirror.clone(),
+        counters: counters.clone(),
         policy: policy.clone(),
         delivery: Arc::new(Mutex::new(None)),
         tasks: std::sync::Mutex::new(Vec::new()),
@@ -574,7 +630,7 @@ pub async fn start(
         }));
     }
 
-    let acceptance = Arc::new(Acceptance { spool, mirror, policy, submit: submit_tx });
+    let acceptance = Arc::new(Acceptance { spool, mirror, policy, submit: submit_tx, counters });
     let settings = Arc::new(session_settings(r, tls));
     for port in &vip.ports {
         let addr = SocketAddr::new(vip.address, *port);
