@@ -67,7 +67,7 @@ fn relay_conformance_and_security() -> Result<()> {
     let opts = RelayOpts {
         domains: vec!["example.net".into(), "catchall.example.net".into()],
         relay_extra: format!(
-            "mailboxes = \"{}\"\ncommand_timeout_ms = 1500\ndata_timeout_ms = 1500\nmax_sessions_per_source = 20",
+            "mailboxes = \"{}\"\ncommand_timeout_ms = 1500\ndata_timeout_ms = 1500\nmax_sessions_per_source = 20\nmax_message_size = 100000",
             mailboxes.display()
         ),
         ..Default::default()
@@ -172,6 +172,88 @@ s.quit()
         let id = acknowledged_ids(&out).pop().with_context(|| format!("no queue id in {out}"))?;
         ensure!(s.arrived(&id)?.contains("second"), "second message content");
         Ok(())
+    });
+
+    s.section("every command: HELO, HELP, EXPN, RSET, NOOP, SIZE, BDAT, SMTPUTF8, sequence errors", |s| {
+        let id = s.session(|vip| -> Result<String> {
+            // HELO: no extensions, but mail goes through.
+            let (mut c, _) = RawSmtp::connect(vip)?;
+            let r = c.cmd("HELO old.example.com")?;
+            ensure!(r.code == 250 && !r.text.contains("PIPELINING"), "HELO: {r:?}");
+            ensure!(c.cmd("QUIT")?.code == 221);
+
+            let (mut c, _) = RawSmtp::connect(vip)?;
+            ensure!(c.cmd("RCPT TO:<u@example.net>")?.code == 503, "RCPT before EHLO/MAIL");
+            let r = c.cmd("EHLO new.example.com")?;
+            for ext in ["PIPELINING", "SIZE 100000", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "STARTTLS"] {
+                ensure!(r.text.contains(ext), "EHLO lacks {ext}: {r:?}");
+            }
+            ensure!(c.cmd("HELP")?.code == 214, "HELP");
+            ensure!(c.cmd("EXPN staff")?.code == 502, "EXPN");
+            ensure!(c.cmd("VRFY u@example.net")?.code == 252, "VRFY");
+            ensure!(c.cmd("NOOP")?.code == 250, "NOOP");
+            ensure!(c.cmd("DATA")?.code == 503, "DATA without MAIL");
+            ensure!(c.cmd("FROB")?.code == 500, "unknown command");
+            let r = c.cmd("MAIL FROM:<big@example.com> SIZE=200000")?;
+            ensure!(r.code == 552 && r.text.contains("5.3.4"), "SIZE over the limit: {r:?}");
+            ensure!(c.cmd("MAIL FROM:<sender@example.com> SIZE=1000")?.code == 250);
+            ensure!(c.cmd("RSET")?.code == 250, "RSET");
+            ensure!(c.cmd("RCPT TO:<u@example.net>")?.code == 503, "RSET forgot the transaction");
+            // Non-ASCII addresses need the SMTPUTF8 parameter.
+            let r = c.cmd("MAIL FROM:<jörg@example.com>")?;
+            ensure!(r.code == 553 && r.text.contains("5.6.7"), "UTF-8 without SMTPUTF8: {r:?}");
+            ensure!(c.cmd("MAIL FROM:<jörg@example.com> SMTPUTF8")?.code == 250, "with SMTPUTF8");
+            ensure!(c.cmd("RCPT TO:<u@example.net>")?.code == 250);
+            // (smtp-sink does not offer SMTPUTF8: such a message would bounce, so the BDAT
+            // message below has an ASCII sender.)
+            ensure!(c.cmd("RSET")?.code == 250);
+            ensure!(c.cmd("MAIL FROM:<sender@example.com>")?.code == 250);
+            ensure!(c.cmd("RCPT TO:<u@example.net>")?.code == 250);
+            // CHUNKING: the message in two BDAT chunks, no dot handling.
+            let first = b"Subject: bdat\r\n\r\n.a leading dot stays\r\n";
+            let last = b"second chunk\r\n";
+            c.send(format!("BDAT {}\r\n", first.len()).as_bytes())?;
+            c.send(first)?;
+            ensure!(c.reply()?.code == 250, "first chunk");
+            c.send(format!("BDAT {} LAST\r\n", last.len()).as_bytes())?;
+            c.send(last)?;
+            let r = c.reply()?;
+            ensure!(r.code == 250, "BDAT LAST: {r:?}");
+            // Content over the size limit is refused at the end of data.
+            ensure!(c.cmd("MAIL FROM:<sender@example.com>")?.code == 250);
+            ensure!(c.cmd("RCPT TO:<u@example.net>")?.code == 250);
+            ensure!(c.cmd("DATA")?.code == 354);
+            let line = format!("{}\r\n", "x".repeat(998));
+            for _ in 0..110 {
+                c.send(line.as_bytes())?;
+            }
+            c.send(b".\r\n")?;
+            let big = c.reply()?;
+            ensure!(big.code == 552, "over-size content: {big:?}");
+            ensure!(c.cmd("QUIT")?.code == 221);
+            r.queue_id().context("no queue id for the BDAT message")
+        })?;
+        let msg = s.arrived(&id)?;
+        ensure!(msg.contains(".a leading dot stays") && msg.contains("second chunk"), "BDAT content:\n{msg}");
+        Ok(())
+    });
+
+    s.section("error limit: a client that keeps failing is disconnected", |s| {
+        s.session(|vip| {
+            let (mut c, _) = RawSmtp::connect(vip)?;
+            for i in 0..40 {
+                match c.cmd("BOGUS") {
+                    Ok(r) if r.code == 421 => {
+                        ensure!(c.closed(), "still open after 421");
+                        return Ok(());
+                    }
+                    Ok(r) if r.code >= 500 => continue,
+                    Ok(r) => bail!("reply {i}: {r:?}"),
+                    Err(e) => bail!("closed without 421 after {i} errors: {e}"),
+                }
+            }
+            bail!("40 errors and still served")
+        })
     });
 
     for (i, fake) in mxlb::relay::smtp::SMUGGLING_SEQUENCES.iter().enumerate() {

@@ -91,7 +91,8 @@ pub struct DeliveryConfig {
     /// Concurrent deliveries for one recipient domain (one slow domain cannot block others).
     #[serde(default = "default_per_domain_concurrency")]
     pub per_domain_concurrency: u32,
-    /// First retry after a temporary failure; doubles up to `retry_max_ms`.
+    /// First retry after a temporary failure; doubles up to `retry_max_ms` (the queue
+    /// schedules in whole seconds: waits are rounded up to the next second).
     #[serde(default = "default_retry_first_ms")]
     pub retry_first_ms: u64,
     #[serde(default = "default_retry_max_ms")]

@@ -249,6 +249,10 @@ pub struct Client {
     txn: Option<Txn>,
     done: Option<Finished>,
     broken: Option<String>,
+    /// XCLIENT changed who the back-end thinks we are: the session now speaks for one
+    /// client and is not reused for another (Postfix would refuse a second XCLIENT from the
+    /// impersonated address anyway).
+    impersonating: bool,
 }
 
 impl Client {
@@ -267,7 +271,13 @@ impl Client {
             txn: None,
             done: None,
             broken: None,
+            impersonating: false,
         }
+    }
+
+    /// Whether another transaction may run on this session (see `impersonating`).
+    pub fn reusable(&self) -> bool {
+        !self.impersonating
     }
 
     /// What the back-end offered in its last EHLO/LHLO reply.
@@ -375,7 +385,16 @@ impl Client {
             Expect::Ehlo { .. } => self.fail(format!("{}: {reply}", self.hello_verb())),
             Expect::Rset if reply.is_positive() => self.start_txn(),
             Expect::Rset => self.fail(format!("RSET: {reply}")),
-            Expect::Xclient if reply.is_positive() => self.send_ehlo(true),
+            Expect::Xclient if reply.is_positive() => {
+                // Greet again as the original client, as Postfix's XCLIENT_README does: an
+                // EHLO with our own name would replace the HELO name XCLIENT just set.
+                self.impersonating = true;
+                let helo = self.txn.as_ref().and_then(|t| t.t.xclient.as_ref()).map(|x| x.helo.clone()).unwrap_or_default();
+                let name = if helo.is_empty() || !helo.bytes().all(|b| b.is_ascii_graphic()) { self.helo_name.clone() } else { helo };
+                let line = format!("{} {name}", self.hello_verb());
+                self.send_line(&line);
+                self.expect.push_back(Expect::Ehlo { in_txn: true });
+            }
             // Our configuration or the back-end's authorisation is wrong, not the recipients:
             // defer them all, whatever the code, and leave the session usable.
             Expect::Xclient => self.finish_all(Outcome::Deferred(reply)),
@@ -828,8 +847,17 @@ mod tests {
         let (sent, step) = exchange(&mut c, "");
         assert_eq!(sent, "XCLIENT ADDR=IPV6:2001:db8::7 NAME=[UNAVAILABLE] HELO=client+20helo PROTO=ESMTP\r\n");
         assert_eq!(step, Step::Receive(Wait::Xclient));
+        // The HELO "client helo" has a space: not a usable EHLO argument, so ours is used.
         assert_eq!(exchange(&mut c, "220 mx.test ESMTP\r\n").0, "EHLO relay.test\r\n");
         assert!(exchange(&mut c, EHLO_FULL).0.starts_with("MAIL FROM:<a@src.test>"));
+        assert!(!c.reusable(), "a session that impersonated one client is not reused");
+        // A usable HELO name: the new greeting carries it, so the back-end keeps it.
+        let mut c = ready(Protocol::Smtp, EHLO_FULL, true);
+        let mut t = txn(&["x@d.test"]);
+        t.xclient = Some(XclientInfo { addr: Some("198.18.0.1".parse().unwrap()), helo: "client.example.com".into() });
+        c.begin(t, b"hi\r\n").unwrap();
+        exchange(&mut c, "");
+        assert_eq!(exchange(&mut c, "220 mx.test ESMTP\r\n").0, "EHLO client.example.com\r\n");
         // IPv4 (also when mapped into IPv6), and only the attributes the server offers.
         let info = XclientInfo { addr: Some("::ffff:192.0.2.1".parse().unwrap()), helo: String::new() };
         assert_eq!(

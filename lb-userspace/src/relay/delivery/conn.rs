@@ -87,7 +87,7 @@ impl Connection {
                 );
             }
         };
-        let reusable = self.client.poll() == Step::Idle;
+        let reusable = self.client.poll() == Step::Idle && self.client.reusable();
         (finished, reusable)
     }
 
