@@ -238,6 +238,12 @@ impl PostfixRelay {
     /// `ns`, and returns once port 25 of `listen` greets with 220 (bounded: 20 s). `listen`
     /// unspecified (0.0.0.0) listens everywhere; the greeting is then awaited on 127.0.0.1.
     pub fn start(ns: &Netns, name: &str, listen: IpAddr, relayhost: SocketAddr) -> Result<PostfixRelay> {
+        Self::start_with(ns, name, listen, relayhost, "")
+    }
+
+    /// Like [`PostfixRelay::start`], with `extra` lines appended to main.cf (later settings
+    /// win, e.g. `smtpd_authorized_xclient_hosts = 198.18.0.2`).
+    pub fn start_with(ns: &Netns, name: &str, listen: IpAddr, relayhost: SocketAddr, extra: &str) -> Result<PostfixRelay> {
         require_postfix()?;
         let (uid, gid) = user_ids("postfix").context("no postfix user")?;
         let dir = std::env::temp_dir().join(format!("{}-postfix-{name}", ns.name()));
@@ -256,7 +262,12 @@ impl PostfixRelay {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
         std::os::unix::fs::chown(dir.join("data"), Some(uid), Some(gid)).context("chown data_directory to postfix")?;
-        std::fs::write(dir.join("etc/main.cf"), main_cf(&dir, name, listen, relayhost))?;
+        let mut cf = main_cf(&dir, name, listen, relayhost);
+        if !extra.is_empty() {
+            cf += extra;
+            cf += "\n";
+        }
+        std::fs::write(dir.join("etc/main.cf"), cf)?;
         std::fs::write(dir.join("etc/master.cf"), master_cf())?;
         let listen = SocketAddr::new(listen, 25);
         let mut pf = PostfixRelay { ns: ns.clone(), dir, listen, relayhost, master: None };

@@ -710,3 +710,28 @@ impl RelayPair<'_> {
         self.wait_serving(Duration::from_secs(10))
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Added for tests/tests/relay_backends.rs: bringing a killed dump sink back.
+
+impl DumpSinks {
+    /// Starts back-end `i`'s sink again (1-based) after [`DumpSinks::kill`], appending to the
+    /// same dump file, so what it received before and after is read together.
+    pub fn restart(&mut self, lab: &Lab, i: usize) -> Result<()> {
+        let b = lab.backend(i);
+        let opts = SinkOpts {
+            hostname: Some(b.name()),
+            extra: vec!["-D".into(), self.dumps[i - 1].display().to_string()],
+            ..Default::default()
+        };
+        let sink = SmtpSink::start(b.ns(), &opts).with_context(|| format!("smtp-sink on {} (restart)", b.name()))?;
+        // The old one is dead; dropping it reaps it.
+        self.sinks[i - 1] = sink;
+        Ok(())
+    }
+
+    /// The dump file of back-end `i` (1-based) as text ("" before anything arrived).
+    pub fn dump_text(&self, i: usize) -> String {
+        std::fs::read(&self.dumps[i - 1]).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+}

@@ -1,0 +1,700 @@
+//! The relay against real back-end software: LMTP into Dovecot read back over IMAP byte for
+//! byte, bounces (RFC 3464 DSNs) for recipients a back-end refuses, retries with backoff after
+//! a temporary refusal, XCLIENT into a real Postfix, and partitioned routing (every mailbox on
+//! one owner; mail for a down owner waits for it instead of landing elsewhere).
+//!
+//! The tests take turns ([`serial`]): each builds its own lab, and on a small machine their
+//! timings (VRRP, health probes, retries) should not be each other's. Needs root; skips
+//! locally otherwise, fails under CI=true.
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use lab::{
+    Lab, SinkOpts, SmtpSink,
+    dovecot::Dovecot,
+    postfix::PostfixRelay,
+    relay::{DumpSinks, RawSmtp, RelayOpts, RelayPair, SmtpReply, relay_lab},
+};
+
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+/// Dot-stuffing as a client does it: a line starting with `.` gets one more.
+fn dot_stuff(content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len() + 16);
+    let mut at_line_start = true;
+    for &b in content {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    out
+}
+
+/// One transaction on an open session (after EHLO): MAIL (with `params`), RCPTs, DATA, the
+/// content (dot-stuffed here) and the end of data. The content must not end with CRLF (the
+/// end-of-data sequence adds it). Returns the final reply.
+fn transaction(c: &mut RawSmtp, from: &str, params: &str, rcpts: &[&str], content: &[u8]) -> Result<SmtpReply> {
+    let r = c.cmd(&format!("MAIL FROM:<{from}>{params}"))?;
+    ensure!(r.code == 250, "MAIL: {r:?}");
+    for rcpt in rcpts {
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>"))?;
+        ensure!(r.code == 250, "RCPT {rcpt}: {r:?}");
+    }
+    let r = c.cmd("DATA")?;
+    ensure!(r.code == 354, "DATA: {r:?}");
+    c.send(&dot_stuff(content))?;
+    c.send(b"\r\n.\r\n")?;
+    c.reply()
+}
+
+/// Sends each `(from, rcpts, content)` as one message in one session from the lab client;
+/// returns the queue ids the relay acknowledged, in order.
+fn send_all(lab: &Lab, vip: SocketAddr, msgs: Vec<(String, Vec<String>, Vec<u8>)>) -> Result<Vec<String>> {
+    lab.client().ns().run(move || -> Result<Vec<String>> {
+        let (mut c, greeting) = RawSmtp::connect(vip)?;
+        ensure!(greeting.code == 220, "greeting {greeting:?}");
+        let r = c.cmd("EHLO client.example.com")?;
+        ensure!(r.code == 250, "EHLO: {r:?}");
+        let mut ids = Vec::new();
+        for (from, rcpts, content) in &msgs {
+            let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+            let params = if content.is_ascii() { "" } else { " BODY=8BITMIME" };
+            let r = transaction(&mut c, from, params, &rcpts, content)?;
+            ensure!(r.code == 250, "end of data: {r:?}");
+            ids.push(r.queue_id().with_context(|| format!("no queue id in {r:?}"))?);
+        }
+        let _ = c.cmd("QUIT");
+        Ok(ids)
+    })?
+}
+
+/// `mxlb queue list --json` on LB 1: the entries of its own queue (not the peer's replicas).
+fn queued(pair: &RelayPair) -> Result<Vec<serde_json::Value>> {
+    let out = pair.lb1.cli(&["queue", "list", "--json"])?;
+    let v: Vec<serde_json::Value> = serde_json::from_str(&out).with_context(|| format!("queue list --json: {out}"))?;
+    Ok(v.into_iter().filter(|e| e["area"] == "queue").collect())
+}
+
+/// Waits (bounded) until LB 1's queue and LB 2's replicas are empty.
+fn wait_queue_empty(pair: &RelayPair, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let q = queued(pair)?;
+        let replicas = pair.spooled(2, "replica");
+        if q.is_empty() && replicas.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("still queued after {timeout:?}: {q:#?}\nreplicas on LB 2: {replicas:?}\nLB 1 log:\n{}", pair.lb1.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Polls `f` every 200 ms until it gives `Some` (bounded); the error names `what`.
+fn wait_some<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A scratch directory smtp-sink (running as nobody) can write its dumps into; removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(lab: &Lab, what: &str) -> Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("{}-{what}", lab.prefix()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        Ok(Scratch(dir))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The messages of an smtp-sink dump file (each starts with its `X-Client-Addr:` record).
+fn dumped_messages(dump: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read(dump).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    text.split("X-Client-Addr: ").skip(1).map(|m| format!("X-Client-Addr: {m}")).collect()
+}
+
+/// The header fields of a message (unfolded), in order; stops at the first empty line.
+fn header_fields(msg: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in msg.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() {
+            break;
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = out.last_mut() {
+                last.1.push(' ');
+                last.1.push_str(line.trim());
+            }
+        } else if let Some((k, v)) = line.split_once(':') {
+            out.push((k.to_string(), v.trim().to_string()));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal IMAP client (LOGIN, SELECT, FETCH BODY[]), run in the back-end's namespace.
+
+struct Imap {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Imap {
+    fn connect(addr: SocketAddr) -> Result<Imap> {
+        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("IMAP {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut c = Imap { stream, buf: Vec::new() };
+        let greeting = c.line()?;
+        ensure!(greeting.starts_with(b"* OK"), "IMAP greeting {:?}", String::from_utf8_lossy(&greeting));
+        Ok(c)
+    }
+
+    fn fill(&mut self) -> Result<()> {
+        use std::io::Read as _;
+        let mut chunk = [0u8; 16384];
+        let n = self.stream.read(&mut chunk).context("IMAP read")?;
+        ensure!(n > 0, "IMAP connection closed");
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// One line, CRLF removed.
+    fn line(&mut self) -> Result<Vec<u8>> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let mut l: Vec<u8> = self.buf.drain(..end + 2).collect();
+                l.truncate(end);
+                return Ok(l);
+            }
+            self.fill()?;
+        }
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<Vec<u8>> {
+        while self.buf.len() < n {
+            self.fill()?;
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    /// Sends `TAG COMMAND`; returns the untagged lines and the literals they announced, and
+    /// fails unless the tagged reply is OK.
+    fn cmd(&mut self, tag: &str, command: &str) -> Result<(Vec<String>, Vec<Vec<u8>>)> {
+        use std::io::Write as _;
+        self.stream.write_all(format!("{tag} {command}\r\n").as_bytes())?;
+        let (mut lines, mut literals) = (Vec::new(), Vec::new());
+        loop {
+            let l = self.line()?;
+            let text = String::from_utf8_lossy(&l).into_owned();
+            if let Some(rest) = text.strip_prefix(&format!("{tag} ")) {
+                ensure!(rest.starts_with("OK"), "IMAP {command}: {text}\n{lines:?}");
+                return Ok((lines, literals));
+            }
+            // A line ending with {n} is followed by n octets of literal, then the line goes on.
+            if let Some(n) = text.strip_suffix('}').and_then(|t| t.rsplit_once('{')).and_then(|(_, n)| n.parse::<usize>().ok()) {
+                literals.push(self.bytes(n)?);
+            }
+            lines.push(text);
+        }
+    }
+}
+
+/// Every message in `user`'s INBOX on the Dovecot at `addr` (BODY[], in order). Run it in a
+/// namespace that reaches `addr`.
+fn imap_messages(addr: SocketAddr, user: &str, password: &str) -> Result<Vec<Vec<u8>>> {
+    let mut c = Imap::connect(addr)?;
+    c.cmd("a", &format!("LOGIN \"{user}\" \"{password}\""))?;
+    let (lines, _) = c.cmd("b", "SELECT INBOX")?;
+    let exists: usize = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("* ").and_then(|r| r.strip_suffix(" EXISTS")).and_then(|n| n.parse().ok()))
+        .unwrap_or(0);
+    if exists == 0 {
+        return Ok(Vec::new());
+    }
+    let (_, literals) = c.cmd("c", "FETCH 1:* BODY.PEEK[]")?;
+    let _ = c.cmd("d", "LOGOUT");
+    ensure!(literals.len() == exists, "{exists} messages, {} literals fetched", literals.len());
+    Ok(literals)
+}
+
+/// Waits (bounded) until `user`'s INBOX on back-end `i` holds at least `n` messages.
+fn wait_imap(lab: &Lab, i: usize, user: &str, password: &str, n: usize, timeout: Duration) -> Result<Vec<Vec<u8>>> {
+    let b = lab.backend(i);
+    let addr = SocketAddr::new(b.v4().into(), 143);
+    let (user, password) = (user.to_string(), password.to_string());
+    let mut last = Vec::new();
+    let got = wait_some(&format!("{n} message(s) for {user} on b{i}"), timeout, || {
+        last = b.ns().run(|| imap_messages(addr, &user, &password))??;
+        Ok((last.len() >= n).then(|| last.clone()))
+    });
+    got.with_context(|| format!("{user}'s INBOX on b{i} holds {} message(s)", last.len()))
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. LMTP into Dovecot.
+
+#[test]
+fn lmtp_to_dovecot_reads_back_identical_over_imap_and_unknown_users_bounce() -> Result<()> {
+    if !lab::require_root("lmtp_to_dovecot_reads_back_identical_over_imap_and_unknown_users_bounce") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let lab = relay_lab(2)?;
+    let users = [("u1@example.net", "pw1"), ("u2@example.net", "pw2")];
+    let _dovecots: Vec<Dovecot> = lab
+        .backends()
+        .iter()
+        .map(|b| Dovecot::start(b.ns(), &b.name(), &users, b.v4().into()).with_context(|| format!("dovecot on {}", b.name())))
+        .collect::<Result<_>>()?;
+    // u1 lives on b1, u2 on b2; the unknown user goes wherever the hash puts it.
+    let scratch = Scratch::new(&lab, "lmtp")?;
+    let map = scratch.path("mailbox_map");
+    std::fs::write(&map, "u1@example.net b1\nu2@example.net b2\n")?;
+    let opts = RelayOpts {
+        protocol: "lmtp".into(),
+        delivery_extra: format!(
+            "routing = \"partitioned\"\nmailbox_map = \"{}\"\nretry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000",
+            map.display()
+        ),
+        ..Default::default()
+    };
+    let pair = RelayPair::start(&lab, opts)?;
+    let vip = pair.vip();
+
+    // What a client means to send: lines that need dot-stuffing (a leading dot, two dots, a
+    // line of only a dot), 8-bit UTF-8, a long line, spaces and tabs at the edges.
+    let long: String = (0..900).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let lines: Vec<String> = vec![
+        "From: Sender <sender@example.com>".into(),
+        "To: <u1@example.net>".into(),
+        "Subject: interop bytes".into(),
+        "Message-ID: <interop-1@example.com>".into(),
+        "MIME-Version: 1.0".into(),
+        "Content-Type: text/plain; charset=utf-8".into(),
+        "Content-Transfer-Encoding: 8bit".into(),
+        String::new(),
+        ".a line starting with a dot".into(),
+        "..two dots".into(),
+        ".".into(),
+        "the line before was a single dot".into(),
+        "8-bit: h\u{e9}llo w\u{f6}rld \u{2014} \u{65e5}\u{672c}\u{8a9e} \u{2709}".into(),
+        long,
+        "  leading and trailing spaces  ".into(),
+        "\ttab first".into(),
+        String::new(),
+        "last line".into(),
+    ];
+    let content = lines.join("\r\n").into_bytes();
+    let expected_tail = [content.as_slice(), b"\r\n"].concat();
+
+    let ids = send_all(
+        &lab,
+        vip,
+        vec![
+            ("sender@example.com".into(), vec!["u1@example.net".into()], content.clone()),
+            // From a mailbox of ours (so the bounce comes back to a Dovecot), to one user Dovecot
+            // knows and one it does not: the known one gets it, the sender hears of the other.
+            (
+                "u2@example.net".into(),
+                vec!["u1@example.net".into(), "nobody@example.net".into()],
+                b"From: <u2@example.net>\r\nTo: <u1@example.net>, <nobody@example.net>\r\nSubject: half deliverable\r\n\r\nhello".to_vec(),
+            ),
+        ],
+    )?;
+    eprintln!("accepted: {ids:?}");
+
+    let inbox = wait_imap(&lab, 1, "u1@example.net", "pw1", 2, Duration::from_secs(30))
+        .with_context(|| format!("LB 1 log:\n{}", pair.lb1.log()))?;
+    let first = inbox.iter().find(|m| find(m, b"Subject: interop bytes")).context("the byte-test message is not in u1's INBOX")?;
+    if !first.ends_with(&expected_tail) {
+        bail!(
+            "the message read back over IMAP does not end with what the client sent.\nsent (unstuffed):\n{:?}\nfetched:\n{:?}",
+            String::from_utf8_lossy(&expected_tail),
+            String::from_utf8_lossy(first)
+        );
+    }
+    let prefix = &first[..first.len() - expected_tail.len()];
+    let prefix_text = String::from_utf8_lossy(prefix);
+    eprintln!("headers prepended on the way:\n{prefix_text}");
+    let prepended: Vec<String> = header_fields(&prefix_text).into_iter().map(|(k, _)| k.to_ascii_lowercase()).collect();
+    ensure!(
+        prepended.iter().all(|k| ["return-path", "delivered-to", "received"].contains(&k.as_str())),
+        "something other than trace headers was added in front: {prepended:?}"
+    );
+    ensure!(
+        prefix_text.contains(&format!("(mxlb) with ESMTP id {}", ids[0])),
+        "our Received header with the queue id is missing:\n{prefix_text}"
+    );
+    ensure!(prefix_text.contains("Return-Path: <sender@example.com>"), "envelope sender not kept:\n{prefix_text}");
+    ensure!(inbox.iter().any(|m| find(m, b"Subject: half deliverable")), "the deliverable half of message 2 did not reach u1");
+
+    // The bounce for nobody@example.net comes back to u2 (on b2) from the null sender.
+    let u2 = wait_imap(&lab, 2, "u2@example.net", "pw2", 1, Duration::from_secs(30))
+        .with_context(|| format!("no bounce reached the sender u2@example.net\nLB 1 log:\n{}", pair.lb1.log()))?;
+    let dsn = u2
+        .iter()
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .find(|m| m.contains("report-type=delivery-status"))
+        .with_context(|| format!("u2's INBOX has no DSN: {:?}", u2.iter().map(|m| String::from_utf8_lossy(m)).collect::<Vec<_>>()))?;
+    eprintln!("the DSN as u2 reads it:\n{dsn}");
+    ensure!(dsn.contains("Return-Path: <>"), "the DSN is not from the null sender");
+    ensure!(dsn.contains("Final-Recipient: rfc822; nobody@example.net"), "no Final-Recipient for the unknown user");
+    ensure!(dsn.contains("Action: failed") && dsn.contains("Status: 5.1.1"), "not a 5.1.1 failure report");
+    ensure!(!dsn.contains("Final-Recipient: rfc822; u1@example.net"), "the delivered recipient is reported as failed");
+    ensure!(dsn.contains("Subject: half deliverable"), "the original headers are not quoted");
+    ensure!(dsn.contains(&format!("X-Mxlb-Queue-ID: {}", ids[1])), "the DSN does not name the original queue id");
+    ensure!(u2.len() == 1, "u2 got {} messages, expected the one DSN", u2.len());
+
+    wait_queue_empty(&pair, Duration::from_secs(15))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Bounce on a permanent failure, through smtp-sink.
+
+#[test]
+fn a_permanent_refusal_bounces_to_the_sender() -> Result<()> {
+    if !lab::require_root("a_permanent_refusal_bounces_to_the_sender") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let lab = relay_lab(2)?;
+    let scratch = Scratch::new(&lab, "dsn")?;
+    // b1 refuses every recipient with a hard error; b2 takes everything and dumps it.
+    let _refusing = SmtpSink::start(
+        lab.backend(1).ns(),
+        &SinkOpts {
+            hostname: Some("b1".into()),
+            extra: vec!["-f".into(), "rcpt".into(), "-B".into(), "550 5.1.1 Recipient address rejected: no such user".into()],
+            ..Default::default()
+        },
+    )?;
+    let dump2 = scratch.path("b2");
+    let _taking = SmtpSink::start(
+        lab.backend(2).ns(),
+        &SinkOpts { hostname: Some("b2".into()), extra: vec!["-D".into(), dump2.display().to_string()], ..Default::default() },
+    )?;
+    let map = scratch.path("mailbox_map");
+    std::fs::write(&map, "gone@example.net b1\nsender@example.net b2\n")?;
+    let opts = RelayOpts {
+        delivery_extra: format!(
+            "routing = \"partitioned\"\nmailbox_map = \"{}\"\nretry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000",
+            map.display()
+        ),
+        ..Default::default()
+    };
+    let pair = RelayPair::start(&lab, opts)?;
+    let ids = send_all(
+        &lab,
+        pair.vip(),
+        vec![(
+            "sender@example.net".into(),
+            vec!["gone@example.net".into()],
+            b"From: <sender@example.net>\r\nTo: <gone@example.net>\r\nSubject: to a gone mailbox\r\nMessage-ID: <gone-1@example.net>\r\n\r\nhello".to_vec(),
+        )],
+    )?;
+    let original = &ids[0];
+
+    let dsn = wait_some("a DSN at the sender's back-end b2", Duration::from_secs(30), || {
+        Ok(dumped_messages(&dump2).into_iter().find(|m| m.contains("report-type=delivery-status")))
+    })
+    .with_context(|| format!("LB 1 log:\n{}", pair.lb1.log()))?;
+    eprintln!("the DSN as b2 received it:\n{dsn}");
+    // smtp-sink's records: `X-Mail-Args: <>` is `MAIL FROM:<>`, `X-Rcpt-Args` each RCPT TO.
+    let envelope: Vec<&str> = dsn.lines().take_while(|l| l.starts_with("X-")).collect();
+    ensure!(
+        envelope.iter().any(|l| *l == "X-Mail-Args: <>" || l.starts_with("X-Mail-Args: <> ")),
+        "the DSN is not from the null sender: {envelope:?}"
+    );
+    ensure!(
+        envelope.iter().any(|l| l.to_ascii_lowercase().starts_with("x-rcpt-args: <sender@example.net>")),
+        "the DSN is not addressed to the original sender: {envelope:?}"
+    );
+    let fields = header_fields(&dsn);
+    let ctype = fields.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-type")).map(|(_, v)| v.as_str()).unwrap_or("");
+    ensure!(ctype.starts_with("multipart/report") && ctype.contains("report-type=delivery-status"), "Content-Type: {ctype}");
+    ensure!(dsn.contains("Final-Recipient: rfc822; gone@example.net"), "no Final-Recipient");
+    ensure!(dsn.contains("Action: failed"), "no Action: failed");
+    ensure!(dsn.contains("Status: 5.1.1"), "the status is not the back-end's 5.1.1");
+    ensure!(dsn.contains("Diagnostic-Code: smtp; 550 5.1.1"), "the back-end's reply is not the Diagnostic-Code");
+    ensure!(dsn.contains(&format!("X-Mxlb-Queue-ID: {original}")), "the original queue id is not named");
+    ensure!(dsn.contains("Subject: to a gone mailbox"), "the original headers are not quoted");
+
+    // Exactly one bounce, the original delivered nowhere, nothing left queued.
+    wait_queue_empty(&pair, Duration::from_secs(15))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let all = dumped_messages(&dump2);
+    ensure!(all.iter().filter(|m| m.contains("report-type=delivery-status")).count() == 1, "more than one DSN: {all:#?}");
+    ensure!(!all.iter().any(|m| m.contains("Subject: to a gone mailbox") && !m.contains("delivery-status")), "the original was delivered");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. A temporary refusal, then success.
+
+#[test]
+fn a_temporary_refusal_is_retried_with_backoff_until_delivered_once() -> Result<()> {
+    if !lab::require_root("a_temporary_refusal_is_retried_with_backoff_until_delivered_once") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let lab = relay_lab(1)?;
+    // b1 answers but refuses every recipient with 450 for now.
+    let soft = SmtpSink::start(
+        lab.backend(1).ns(),
+        &SinkOpts { hostname: Some("b1".into()), extra: vec!["-r".into(), "rcpt".into()], ..Default::default() },
+    )?;
+    let pair = RelayPair::start(&lab, RelayOpts::default())?;
+    let ids = send_all(
+        &lab,
+        pair.vip(),
+        vec![("sender@example.com".into(), vec!["u@example.net".into()], b"Subject: retried\r\n\r\nhello".to_vec())],
+    )?;
+    let id = ids[0].clone();
+
+    // Pending, retried more than once, the back-end's 450 recorded.
+    let first_seen = Instant::now();
+    let entry = wait_some("the message pending after 2 attempts", Duration::from_secs(15), || {
+        Ok(queued(&pair)?.into_iter().find(|e| e["id"] == id.as_str() && e["rcpts"][0]["attempts"].as_u64().unwrap_or(0) >= 2))
+    })
+    .with_context(|| format!("LB 1 log:\n{}", pair.lb1.log()))?;
+    eprintln!("pending: {entry}");
+    let rcpt = &entry["rcpts"][0];
+    ensure!(rcpt["state"] == "pending", "{entry}");
+    ensure!(rcpt["last_reply"].as_str().unwrap_or_default().starts_with("450"), "the 450 is not recorded: {entry}");
+    // Backoff: with retry_first_ms = 200 doubling to 1000 ms, 3 more seconds bring a handful
+    // of attempts (about 5), not a busy loop.
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(first_seen.elapsed()));
+    let later = queued(&pair)?;
+    let attempts = later.iter().find(|e| e["id"] == id.as_str()).and_then(|e| e["rcpts"][0]["attempts"].as_u64()).unwrap_or(0);
+    eprintln!("attempts after ~3 s: {attempts}");
+    ensure!((2..=12).contains(&attempts), "attempts after ~3 s: {attempts} (backoff not applied?) {later:?}");
+
+    // The back-end recovers: exactly one delivery, and the queue empties.
+    drop(soft);
+    let sinks = DumpSinks::start(&lab)?;
+    let got = sinks.wait_for(std::slice::from_ref(&id), Duration::from_secs(15));
+    ensure!(got.get(&id) == Some(&1), "{id} arrived {:?} times\nLB 1 log:\n{}", got.get(&id), pair.lb1.log());
+    wait_queue_empty(&pair, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(sinks.received().get(&id) == Some(&1), "delivered again later: {:?}", sinks.received());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. XCLIENT into Postfix.
+
+/// What Postfix made of one message relayed through it with XCLIENT.
+struct ViaPostfix {
+    /// Postfix's Received header (unfolded).
+    received: String,
+    /// Postfix's maillog.
+    log: String,
+    client: String,
+    lb1: String,
+}
+
+/// Postfix on b1:25 (XCLIENT allowed from the LB nodes) as the relay's back-end, relaying on
+/// to a dumping smtp-sink on b1:2525; one message from the lab client through the VIP.
+fn through_postfix() -> Result<ViaPostfix> {
+    let lab = relay_lab(1)?;
+    let b1 = lab.backend(1);
+    let scratch = Scratch::new(&lab, "xclient")?;
+    let dump = scratch.path("final");
+    let _final = SmtpSink::start(
+        b1.ns(),
+        &SinkOpts { port: 2525, hostname: Some("final".into()), extra: vec!["-D".into(), dump.display().to_string()], ..Default::default() },
+    )?;
+    let lbs = format!("{} {}", lab.lb_n(1).v4(), lab.lb_n(2).v4());
+    let pf = PostfixRelay::start_with(
+        b1.ns(),
+        "b1",
+        b1.v4().into(),
+        SocketAddr::new(b1.v4().into(), 2525),
+        &format!("smtpd_authorized_xclient_hosts = {lbs}"),
+    )?;
+    let pair = RelayPair::start(&lab, RelayOpts::default())?;
+    let ids = send_all(
+        &lab,
+        pair.vip(),
+        vec![("sender@example.com".into(), vec!["u@example.net".into()], b"Subject: via postfix\r\n\r\nhello".to_vec())],
+    )?;
+    let msg = wait_some("the message at the sink behind Postfix", Duration::from_secs(30), || {
+        Ok(dumped_messages(&dump).into_iter().find(|m| m.contains(&ids[0])))
+    })
+    .with_context(|| format!("LB 1 log:\n{}\n{}", pair.lb1.log(), pf.log_tail(30)))?;
+    eprintln!("at the final sink:\n{msg}");
+    let received = header_fields(&msg)
+        .into_iter()
+        .find(|(k, v)| k == "Received" && v.contains("(Postfix)"))
+        .map(|(_, v)| v)
+        .with_context(|| format!("no Received header from Postfix:\n{msg}"))?;
+    Ok(ViaPostfix { received, log: pf.log(), client: lab.client().v4().to_string(), lb1: lab.lb_n(1).v4().to_string() })
+}
+
+#[test]
+fn xclient_gives_postfix_the_original_client_address() -> Result<()> {
+    if !lab::require_root("xclient_gives_postfix_the_original_client_address") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let v = through_postfix()?;
+    let (client, lb1) = (&v.client, &v.lb1);
+    ensure!(v.received.contains(&format!("[{client}]")), "Postfix's Received header does not name the client {client}: {}", v.received);
+    ensure!(!v.received.contains(&format!("[{lb1}]")), "Postfix's Received header names the LB node: {}", v.received);
+    // What Postfix's own checks (smtpd restrictions, policy services, postscreen logs) see.
+    ensure!(v.log.contains(&format!("client=unknown[{client}]")), "Postfix's log does not name the client:\n{}", v.log);
+    Ok(())
+}
+
+/// XCLIENT's `HELO=` is overwritten by the EHLO that must follow XCLIENT unless that EHLO
+/// repeats the client's name (Postfix's XCLIENT_README and nginx's mail proxy send the
+/// original client's HELO name there): Postfix's Received header should say
+/// `from client.example.com`, as the client greeted.
+#[test]
+fn xclient_gives_postfix_the_original_client_helo() -> Result<()> {
+    if !lab::require_root("xclient_gives_postfix_the_original_client_helo") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let v = through_postfix()?;
+    ensure!(
+        v.received.starts_with("from client.example.com "),
+        "Postfix's Received header does not carry the client's HELO (client.example.com): {}\n\
+         (the relay sends `EHLO <its own hostname>` after XCLIENT, which replaces the HELO= it passed)",
+        v.received
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Partitioned routing.
+
+#[test]
+fn partitioned_routing_keeps_each_mailbox_on_its_owner_and_waits_for_it() -> Result<()> {
+    if !lab::require_root("partitioned_routing_keeps_each_mailbox_on_its_owner_and_waits_for_it") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let lab = relay_lab(2)?;
+    let mut sinks = DumpSinks::start(&lab)?;
+    let opts = RelayOpts {
+        delivery_extra: "routing = \"partitioned\"\nretry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000".into(),
+        ..Default::default()
+    };
+    let pair = RelayPair::start(&lab, opts)?;
+    let mailboxes: Vec<String> = (1..=5).map(|i| format!("box{i}@example.net")).collect();
+
+    // 20 messages to each mailbox, interleaved, over a few sessions.
+    let mut owner_of: HashMap<String, String> = HashMap::new(); // queue id -> mailbox
+    for round in 0..4 {
+        let msgs: Vec<(String, Vec<String>, Vec<u8>)> = (0..5)
+            .flat_map(|k| mailboxes.iter().map(move |m| (k, m.clone())))
+            .map(|(k, m)| {
+                let body = format!("Subject: partitioned {round}/{k} for {m}\r\n\r\nhello {m}");
+                ("sender@example.com".to_string(), vec![m], body.into_bytes())
+            })
+            .collect();
+        let targets: Vec<String> = msgs.iter().map(|(_, r, _)| r[0].clone()).collect();
+        let ids = send_all(&lab, pair.vip(), msgs)?;
+        owner_of.extend(ids.into_iter().zip(targets));
+    }
+    let all: Vec<String> = owner_of.keys().cloned().collect();
+    let got = sinks.wait_for(&all, Duration::from_secs(60));
+    let missing: Vec<&String> = all.iter().filter(|id| !got.contains_key(*id)).collect();
+    ensure!(missing.is_empty(), "{} of 100 never arrived: {missing:?}\nLB 1 log:\n{}", missing.len(), pair.lb1.log());
+    ensure!(got.values().all(|&n| n == 1), "duplicates: {:?}", got.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>());
+
+    let per_backend: Vec<HashMap<String, usize>> = (1..=2).map(|i| lab::relay::relayed_ids(&sinks.dump_text(i))).collect();
+    let mut backends_of: HashMap<&str, BTreeSet<usize>> = HashMap::new();
+    for (id, mailbox) in &owner_of {
+        for (i, ids) in per_backend.iter().enumerate() {
+            if ids.contains_key(id) {
+                backends_of.entry(mailbox.as_str()).or_default().insert(i + 1);
+            }
+        }
+    }
+    eprintln!("mailbox -> back-ends: {backends_of:?}");
+    for m in &mailboxes {
+        let set = backends_of.get(m.as_str()).cloned().unwrap_or_default();
+        ensure!(set.len() == 1, "{m} was delivered to back-ends {set:?}, not to one owner");
+    }
+    let owner = |m: &str| *backends_of[m].iter().next().unwrap_or(&0);
+
+    // The owner of box1 goes down: its mail waits, and none of it goes to the other back-end,
+    // while mail for a mailbox of the other back-end (if one has it) still flows.
+    let down = owner(&mailboxes[0]);
+    let other_box = mailboxes.iter().find(|m| owner(m) != down).cloned();
+    eprintln!("stopping b{down} (owner of {}); other back-end's mailbox: {other_box:?}", mailboxes[0]);
+    sinks.kill(down);
+    let mut msgs: Vec<(String, Vec<String>, Vec<u8>)> = (0..5)
+        .map(|k| ("sender@example.com".into(), vec![mailboxes[0].clone()], format!("Subject: while down {k}\r\n\r\nwait").into_bytes()))
+        .collect();
+    if let Some(o) = &other_box {
+        msgs.extend((0..5).map(|k| ("sender@example.com".into(), vec![o.clone()], format!("Subject: flowing {k}\r\n\r\ngo").into_bytes())));
+    }
+    let ids = send_all(&lab, pair.vip(), msgs)?;
+    let (waiting, flowing) = ids.split_at(5);
+    let got = sinks.wait_for(flowing, Duration::from_secs(20));
+    ensure!(flowing.iter().all(|id| got.get(id) == Some(&1)), "mail for the healthy owner did not flow: {flowing:?} / {got:?}");
+    // Give the relay time to misroute if it would (health probes mark b{down} down within ~1 s).
+    std::thread::sleep(Duration::from_secs(4));
+    let got = sinks.received();
+    let misrouted: Vec<&String> = waiting.iter().filter(|id| got.contains_key(*id)).collect();
+    ensure!(misrouted.is_empty(), "mail for the down owner was delivered elsewhere: {misrouted:?}");
+    let q = queued(&pair)?;
+    let pending: Vec<&serde_json::Value> = q.iter().filter(|e| waiting.iter().any(|id| e["id"] == id.as_str())).collect();
+    ensure!(pending.len() == 5, "not all 5 are waiting in the queue: {q:#?}");
+    eprintln!("waiting: {}", pending[0]);
+
+    // The owner is back: its mail arrives there, once each.
+    sinks.restart(&lab, down)?;
+    let got = sinks.wait_for(waiting, Duration::from_secs(30));
+    ensure!(waiting.iter().all(|id| got.get(id) == Some(&1)), "after the restart: {waiting:?} / {got:?}\nLB 1 log:\n{}", pair.lb1.log());
+    let on_owner = lab::relay::relayed_ids(&sinks.dump_text(down));
+    ensure!(waiting.iter().all(|id| on_owner.contains_key(id)), "delivered, but not to the owner b{down}");
+    wait_queue_empty(&pair, Duration::from_secs(10))?;
+    Ok(())
+}
