@@ -146,6 +146,29 @@ fn relay_conformance_and_security() -> Result<()> {
         })
     });
 
+    let mailbox_file = mailboxes.clone();
+    s.section("the mailbox list is re-read by `mxlb queue reload`; a broken one keeps the old list", move |s| {
+        let rcpt = |s: &Suite, who: &'static str| -> Result<u16> {
+            s.session(move |vip| {
+                let (mut c, _) = RawSmtp::connect(vip)?;
+                c.cmd("EHLO client.example.com")?;
+                c.cmd("MAIL FROM:<sender@example.com>")?;
+                Ok(c.cmd(&format!("RCPT TO:<{who}>"))?.code)
+            })
+        };
+        ensure!(rcpt(s, "new@example.net")? == 550, "unknown before the reload");
+        std::fs::write(&mailbox_file, "u@example.net\nnew@example.net\npostmaster@example.net\n@catchall.example.net\n")?;
+        let out = s.pair.lb1.cli(&["queue", "reload"])?;
+        ensure!(out.contains("4 mailboxes"), "reload: {out}");
+        ensure!(rcpt(s, "new@example.net")? == 250, "known after the reload");
+        std::fs::write(&mailbox_file, "u@example.net\nbroken line with spaces\n")?;
+        let (ok, _, err) = s.pair.lb1.cli_output(&["queue", "reload"])?;
+        ensure!(!ok && err.contains(":2:"), "a broken file must be refused with its line: {err}");
+        ensure!(rcpt(s, "new@example.net")? == 250, "the old list stays in force");
+        std::fs::write(&mailbox_file, "u@example.net\nnew@example.net\npostmaster@example.net\n@catchall.example.net\n")?;
+        Ok(())
+    });
+
     s.section("Python smtplib: extensions, VRFY, NOOP, RSET, sendmail", |s| {
         let script = format!(
             r#"

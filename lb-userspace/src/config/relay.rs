@@ -25,7 +25,7 @@ pub struct RelayConfig {
     #[serde(default)]
     pub trusted_networks: Vec<String>,
     /// Valid mailboxes (one address per line, `@domain` = catch-all); unknown users of a listed
-    /// domain get `550 5.1.1` at RCPT time. Re-read on `mxlb relay reload` and SIGHUP.
+    /// domain get `550 5.1.1` at RCPT time. Re-read by `mxlb queue reload`.
     #[serde(default)]
     pub mailboxes: Option<PathBuf>,
     /// Largest message in bytes (SIZE).

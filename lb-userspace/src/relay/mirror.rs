@@ -810,3 +810,169 @@ fn reconcile(spool: &Spool, taken_dir: &Path, inventory: Vec<MessageId>) -> Resu
     need.sort();
     Ok((need, taken_over))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::{ClientInfo, Recipient};
+
+    struct Node {
+        dir: PathBuf,
+        spool: Arc<Spool>,
+        settings: MirrorSettings,
+    }
+
+    /// A CA and one certificate per name (PEM files in `dir`).
+    fn pki(dir: &Path, names: &[&str]) -> Vec<(PathBuf, PathBuf)> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        names
+            .iter()
+            .map(|name| {
+                let key = KeyPair::generate().unwrap();
+                let cert = CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+                let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+                std::fs::write(&c, cert.pem()).unwrap();
+                std::fs::write(&k, key.serialize_pem()).unwrap();
+                (c, k)
+            })
+            .collect()
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    fn node(root: &Path, name: &str, peer_name: &str, ca: &Path, id: &(PathBuf, PathBuf), listen: u16, peer: u16) -> Node {
+        let dir = root.join(name);
+        let spool = Arc::new(Spool::open(&dir.join("spool")).unwrap());
+        let (client_tls, server_tls) = tls_configs(&id.0, &id.1, ca).unwrap();
+        let settings = MirrorSettings {
+            node: name.into(),
+            listen: format!("127.0.0.1:{listen}").parse().unwrap(),
+            peer: format!("127.0.0.1:{peer}").parse().unwrap(),
+            peer_name: ServerName::try_from(peer_name.to_string()).unwrap(),
+            client_tls,
+            server_tls,
+            on_failure: OnMirrorFailure::Strict,
+            heartbeat: Duration::from_millis(50),
+            takeover_after: Duration::from_millis(300),
+            ack_timeout: Duration::from_secs(2),
+            max_message_size: 1 << 20,
+            taken_over_dir: dir.join("taken-over"),
+            serving: Arc::new(AtomicBool::new(false)),
+        };
+        Node { dir, spool, settings }
+    }
+
+    fn envelope(n: u64) -> Envelope {
+        Envelope {
+            id: format!("{n:024x}").parse().unwrap(),
+            mail_from: "a@example.com".into(),
+            rcpts: vec![Recipient::new("b@example.net".into())],
+            accepted_at: 1,
+            accepted_by: "a".into(),
+            client: ClientInfo { addr: "192.0.2.1:1000".parse().unwrap(), helo: "h".into(), tls: false, authenticated: false },
+            eight_bit: false,
+            smtputf8: false,
+            size: 5,
+        }
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn copies_resync_done_and_takeover_only_while_serving() {
+        let root = std::env::temp_dir().join(format!("mxlb-mirror-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let ids = pki(&root, &["a.test", "b.test"]);
+        let ca = root.join("ca.pem");
+        let (pa, pb) = (free_port(), free_port());
+        let a = node(&root, "a", "b.test", &ca, &ids[0], pa, pb);
+        let b = node(&root, "b", "a.test", &ca, &ids[1], pb, pa);
+        let (stop_tx, stop) = watch::channel(false);
+
+        // A message queued at A while B is not running yet ("degraded" backlog).
+        let early = envelope(1);
+        a.spool.store(Area::Queue, &early, b"early").unwrap();
+        let (events_a, _events_a_rx) = mpsc::channel(16);
+        let (client, _task) = MirrorClient::start(a.settings.clone(), a.spool.clone(), events_a, stop.clone());
+        assert_eq!(client.replicate(&envelope(2), Bytes::from_static(b"x")).await, Err(MirrorError::NotConnected));
+
+        let (events_b, mut events_b_rx) = mpsc::channel(16);
+        let stats = Arc::new(MirrorStats::default());
+        tokio::spawn(serve(b.settings.clone(), b.spool.clone(), events_b, stats, stop.clone()));
+        until("the link", || client.is_connected()).await;
+        // The backlog was copied on connection.
+        assert_eq!(b.spool.load(Area::Replica, &early.id).unwrap().1, b"early");
+
+        // A new message: confirmed only once on B's disk.
+        let msg = envelope(3);
+        a.spool.store(Area::Queue, &msg, b"hello").unwrap();
+        assert_eq!(client.replicate(&msg, Bytes::from_static(b"hello")).await, Ok(Copy::Mirrored));
+        assert_eq!(b.spool.load(Area::Replica, &msg.id).unwrap().1, b"hello");
+        // Done drops the copy.
+        a.spool.remove(Area::Queue, &early.id).unwrap();
+        client.done(&early.id);
+        until("the copy to go", || !b.spool.contains(Area::Replica, &early.id)).await;
+
+        // A stranger (certificate from another CA) is refused by B's server.
+        let stranger_dir = root.join("stranger");
+        std::fs::create_dir_all(&stranger_dir).unwrap();
+        let strange = pki(&stranger_dir, &["evil.test"]);
+        let (evil_tls, _) = tls_configs(&strange[0].0, &strange[0].1, &ca).unwrap();
+        let tcp = TcpStream::connect(b.settings.listen).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(evil_tls);
+        let attempt = async {
+            let tls = connector.connect(ServerName::try_from("b.test").unwrap(), tcp).await?;
+            let mut io = Framed::new(tls, codec(1 << 20));
+            io.send(Frame::new(Header::Hello { node: "evil".into(), inventory: vec![] }).encode().unwrap()).await?;
+            match io.next().await {
+                Some(Ok(_)) => Ok(()),
+                Some(Err(e)) => Err(e),
+                None => Err(std::io::Error::other("closed")),
+            }
+        };
+        assert!(attempt.await.is_err(), "a node without a cluster certificate got an answer");
+
+        // A's link dies (A stops): B does not take over while it does not serve the VIP...
+        stop_tx.send_replace(true);
+        let (stop2_tx, stop2) = watch::channel(false);
+        let (events_b2, mut events_b2_rx) = mpsc::channel(16);
+        drop(events_b_rx.try_recv());
+        // (B's server stopped with the same signal; run it again alone.)
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::spawn(serve(b.settings.clone(), b.spool.clone(), events_b2, Arc::new(MirrorStats::default()), stop2.clone()));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(events_b2_rx.try_recv().is_err(), "took over without serving the VIP");
+        assert!(b.spool.contains(Area::Replica, &msg.id));
+        // ...and does once VRRP gives it the VIP.
+        b.settings.serving.store(true, Ordering::Relaxed);
+        let event = tokio::time::timeout(Duration::from_secs(3), events_b2_rx.recv()).await.unwrap().unwrap();
+        assert_eq!(event, MirrorEvent::TookOver { ids: vec![msg.id.clone()] });
+        assert!(b.spool.contains(Area::Queue, &msg.id));
+
+        // A comes back: it learns B took the message over, drops it, and does not get it back.
+        let (events_a2, mut events_a2_rx) = mpsc::channel(16);
+        let (client2, _task) = MirrorClient::start(a.settings.clone(), a.spool.clone(), events_a2, stop2.clone());
+        let synced = tokio::time::timeout(Duration::from_secs(3), events_a2_rx.recv()).await.unwrap().unwrap();
+        assert_eq!(synced, MirrorEvent::Synced { taken_over: vec![msg.id.clone()] });
+        assert!(!a.spool.contains(Area::Queue, &msg.id), "A still queues what B took over");
+        until("the link", || client2.is_connected()).await;
+        stop2_tx.send_replace(true);
+        drop((a.dir, b.dir));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
