@@ -209,8 +209,18 @@ impl<'a> RelayPair<'a> {
                 },
             )
         };
-        let lb2 = if opts.mirrored { Some(node(2)?) } else { None };
-        let lb1 = node(1)?;
+        // The directory goes with the pair; a node failing to start must not leave it behind.
+        let started = (|| -> Result<_> {
+            let lb2 = if opts.mirrored { Some(node(2)?) } else { None };
+            Ok((node(1)?, lb2))
+        })();
+        let (lb1, lb2) = match started {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let pair = RelayPair { lab, lb1, lb2, certs, opts, dir };
         if pair.opts.vrrp {
             wait_vrrp(&pair.lb1, INSTANCE, mxlb::vrrp::instance::State::Master, Duration::from_secs(5))?;

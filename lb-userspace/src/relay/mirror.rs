@@ -894,9 +894,16 @@ mod tests {
 
     #[tokio::test]
     async fn copies_resync_done_and_takeover_only_while_serving() {
+        struct Scratch(PathBuf);
+        impl Drop for Scratch {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
         let root = std::env::temp_dir().join(format!("mxlb-mirror-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
+        let _scratch = Scratch(root.clone());
         let ids = pki(&root, &["a.test", "b.test"]);
         let ca = root.join("ca.pem");
         let (pa, pb) = (free_port(), free_port());
@@ -973,6 +980,5 @@ mod tests {
         until("the link", || client2.is_connected()).await;
         stop2_tx.send_replace(true);
         drop((a.dir, b.dir));
-        let _ = std::fs::remove_dir_all(&root);
     }
 }

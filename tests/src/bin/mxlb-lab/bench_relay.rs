@@ -397,10 +397,6 @@ pub fn run() -> Result<()> {
         }
     }
 
-    // RelayPair::start leaves its directory behind when a node fails to start (the pair is
-    // never built, so its Drop does not run): remove it (a no-op when every pair was dropped).
-    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("{}-relay", lab.prefix())));
-
     let pf_rate = postfix.as_ref().ok().and_then(Row::rate);
     let mx_rate = mxlb.as_ref().ok().and_then(Row::rate);
     let lost: usize = trials.iter().map(|t| t.lost.len()).sum();
