@@ -864,6 +864,23 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     let metrics_server = node.metrics_listen.map(|addr| {
         tokio::spawn(mxlb::metrics::serve(addr, metrics.clone(), controller.clone(), wait_stop(stop_rx.clone())))
     });
+    // SIGHUP re-reads the relay's mailbox list (as `mxlb queue reload` does).
+    let reloader = relay.clone().map(|r| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+            loop {
+                tokio::select! {
+                    _ = rx.changed() => break,
+                    _ = hup.recv() => match r.reload() {
+                        Ok(m) => info!(%m, "SIGHUP: mailbox list re-read"),
+                        Err(e) => warn!(error = %e, "SIGHUP: mailbox list not re-read; the old one stays in force"),
+                    },
+                }
+            }
+        })
+    });
     info!(socket = %node.control_socket.display(), "mxlb running; SIGTERM or SIGINT stops it");
     shutdown_signal().await?;
     info!("stopping");
@@ -876,6 +893,9 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     if let Some(r) = &relay {
         // Sessions finish their transaction, delivery its attempts in progress.
         r.stopped().await;
+    }
+    if let Some(t) = reloader {
+        let _ = t.await;
     }
     let _ = refresher.await;
     let _ = prober.await;

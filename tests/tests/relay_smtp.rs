@@ -165,7 +165,17 @@ fn relay_conformance_and_security() -> Result<()> {
         let (ok, _, err) = s.pair.lb1.cli_output(&["queue", "reload"])?;
         ensure!(!ok && err.contains(":2:"), "a broken file must be refused with its line: {err}");
         ensure!(rcpt(s, "new@example.net")? == 250, "the old list stays in force");
-        std::fs::write(&mailbox_file, "u@example.net\nnew@example.net\npostmaster@example.net\n@catchall.example.net\n")?;
+        // SIGHUP re-reads it too.
+        std::fs::write(&mailbox_file, "u@example.net\nlater@example.net\npostmaster@example.net\n@catchall.example.net\n")?;
+        let pid = s.pair.lb1.pid().context("LB 1 runs")?;
+        // SAFETY: kill(2) on the agent this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rcpt(s, "later@example.net")? != 250 {
+            ensure!(std::time::Instant::now() < deadline, "SIGHUP did not re-read the mailbox list");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ensure!(rcpt(s, "new@example.net")? == 550, "the re-read list replaced the old one");
         Ok(())
     });
 

@@ -25,7 +25,7 @@ pub struct RelayConfig {
     #[serde(default)]
     pub trusted_networks: Vec<String>,
     /// Valid mailboxes (one address per line, `@domain` = catch-all); unknown users of a listed
-    /// domain get `550 5.1.1` at RCPT time. Re-read by `mxlb queue reload`.
+    /// domain get `550 5.1.1` at RCPT time. Re-read by `mxlb queue reload` and on SIGHUP.
     #[serde(default)]
     pub mailboxes: Option<PathBuf>,
     /// Largest message in bytes (SIZE).
