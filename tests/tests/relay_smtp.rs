@@ -63,6 +63,14 @@ fn relay_conformance_and_security() -> Result<()> {
     let lab = relay_lab(2)?;
     let sinks = DumpSinks::start(&lab)?;
     let mailboxes = std::env::temp_dir().join(format!("{}-mailboxes", lab.prefix()));
+    // Removed when the test ends, also when it fails.
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(mailboxes.clone());
     std::fs::write(&mailboxes, "# valid users\nu@example.net\npostmaster@example.net\n@catchall.example.net\n")?;
     let opts = RelayOpts {
         domains: vec!["example.net".into(), "catchall.example.net".into()],
@@ -398,6 +406,5 @@ s.quit()
     if !s.failures.is_empty() {
         bail!("{} section(s) failed:\n{}", s.failures.len(), s.failures.join("\n\n"));
     }
-    let _ = std::fs::remove_file(&mailboxes);
     Ok(())
 }
