@@ -71,12 +71,19 @@ fn relay_conformance_and_security() -> Result<()> {
         }
     }
     let _remove = Remove(mailboxes.clone());
+    // SMTP AUTH users (Dovecot passwd-file format), the password hashed as an operator would.
+    let users = std::env::temp_dir().join(format!("{}-auth-users", lab.prefix()));
+    let _remove_users = Remove(users.clone());
+    let hash = std::process::Command::new("openssl").args(["passwd", "-6", "s3cret"]).output()?;
+    ensure!(hash.status.success(), "openssl passwd: {}", String::from_utf8_lossy(&hash.stderr));
+    std::fs::write(&users, format!("sub@example.com:{{SHA512-CRYPT}}{}", String::from_utf8_lossy(&hash.stdout).trim()))?;
     std::fs::write(&mailboxes, "# valid users\nu@example.net\npostmaster@example.net\n@catchall.example.net\n")?;
     let opts = RelayOpts {
         domains: vec!["example.net".into(), "catchall.example.net".into()],
         relay_extra: format!(
-            "mailboxes = \"{}\"\ncommand_timeout_ms = 1500\ndata_timeout_ms = 1500\nmax_sessions_per_source = 20\nmax_message_size = 100000",
-            mailboxes.display()
+            "mailboxes = \"{}\"\ncommand_timeout_ms = 1500\ndata_timeout_ms = 1500\nmax_sessions_per_source = 20\nmax_message_size = 100000\nauth_users = \"{}\"",
+            mailboxes.display(),
+            users.display()
         ),
         ..Default::default()
     };
@@ -134,6 +141,29 @@ fn relay_conformance_and_security() -> Result<()> {
         ])?;
         ensure!(!ok, "a certificate from an unknown CA let the client relay:\n{out}");
         Ok(())
+    });
+
+    s.section("SMTP AUTH over TLS: a logged-in client may relay (ESMTPSA); wrong password 535; never in plain text", |s| {
+        let (ok, out) = s.client_cmd(&[
+            "swaks", "--server", &vip, "--port", "25", "--tls", "--auth", "PLAIN", "--auth-user", "sub@example.com",
+            "--auth-password", "s3cret", "--from", "sub@example.com", "--to", "someone@elsewhere.example.org",
+        ])?;
+        ensure!(ok, "an authenticated client could not relay:\n{out}");
+        let id = acknowledged_ids(&out).pop().context("no queue id")?;
+        ensure!(s.arrived(&id)?.contains("with ESMTPSA id"), "not marked ESMTPSA");
+        let (ok, out) = s.client_cmd(&[
+            "swaks", "--server", &vip, "--port", "25", "--tls", "--auth", "LOGIN", "--auth-user", "sub@example.com",
+            "--auth-password", "wrong", "--from", "sub@example.com", "--to", "someone@elsewhere.example.org",
+        ])?;
+        ensure!(!ok && out.contains("535 5.7.8"), "a wrong password was not refused:\n{out}");
+        s.session(|vip| {
+            let (mut c, _) = RawSmtp::connect(vip)?;
+            let ehlo = c.cmd("EHLO client.example.com")?;
+            ensure!(!ehlo.text.contains("AUTH"), "AUTH offered in plain text: {ehlo:?}");
+            let r = c.cmd("AUTH PLAIN AHN1YkBleGFtcGxlLmNvbQBzM2NyZXQ=")?;
+            ensure!(r.code == 538, "AUTH in plain text: {r:?}");
+            Ok(())
+        })
     });
 
     s.section("open relay, unknown user, catch-all, postmaster", |s| {

@@ -58,6 +58,11 @@ pub struct RelayConfig {
     /// and may relay to any domain.
     #[serde(default)]
     pub tls_client_ca: Option<PathBuf>,
+    /// SMTP AUTH (PLAIN, LOGIN; offered only after STARTTLS): users in Dovecot's passwd-file
+    /// format (`user:{SHA512-CRYPT}$6$...`). Logged-in clients may relay to any domain
+    /// (submission). Re-read with the mailbox list.
+    #[serde(default)]
+    pub auth_users: Option<PathBuf>,
     pub delivery: DeliveryConfig,
     /// The peer node holding the copies. Absent: messages are on this node's disk only.
     #[serde(default)]
@@ -275,6 +280,9 @@ pub(super) fn validate(config: &Config, p: &mut impl FnMut(KeyPath, String)) {
     if r.tls_client_ca.is_some() && r.tls_cert.is_none() {
         p(at.key("tls_client_ca"), "client certificates need STARTTLS (tls_cert and tls_key)".into());
     }
+    if r.auth_users.is_some() && r.tls_cert.is_none() {
+        p(at.key("auth_users"), "AUTH is offered only over TLS: it needs tls_cert and tls_key".into());
+    }
     let d = &r.delivery;
     let dat = at.key("delivery");
     if d.backends.is_empty() {
@@ -390,6 +398,15 @@ on_failure = "degraded"
         let typo = RELAY.replace("on_failure", "on_fail");
         let e = Config::parse(&format!("{BASE}{typo}"), "t.toml").unwrap_err().to_string();
         assert!(e.contains("relay.mirror") && e.contains("on_fail"), "{e}");
+    }
+
+    #[test]
+    fn auth_needs_tls() {
+        let with_auth = RELAY.replace("domains = [\"example.net\"]", "domains = [\"example.net\"]\nauth_users = \"/etc/dovecot/users\"");
+        let e = Config::parse(&format!("{BASE}{with_auth}"), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("relay.auth_users: AUTH is offered only over TLS"), "{e}");
+        let with_tls = with_auth.replace("auth_users", "tls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\nauth_users");
+        assert!(Config::parse(&format!("{BASE}{with_tls}"), "t.toml").is_ok());
     }
 
     #[test]

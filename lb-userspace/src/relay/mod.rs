@@ -11,6 +11,7 @@
 //!   out): commands, extensions, limits, DATA/BDAT with smuggling-safe end-of-data detection.
 //! - [`session`]: one client connection on a socket: timeouts, STARTTLS, per-source limits,
 //!   the Received header; hands a finished message to an [`session::Acceptor`].
+//! - [`auth`]: SMTP AUTH credentials (Dovecot passwd-file format).
 //! - [`recipients`]: who may send mail to whom (relay domains, trusted networks, valid mailboxes).
 //! - [`spool`]: the durable on-disk queue (own messages and the peer's replicas).
 //! - [`mirror`]: the authenticated replication channel to the peer node and takeover.
@@ -25,6 +26,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod auth;
 pub mod delivery;
 pub mod mirror;
 pub mod recipients;

@@ -26,6 +26,7 @@ use super::{
     ClientInfo, Envelope, MessageId, RcptVerdict,
     delivery::{self, Backend, BackendState, Delivery, DeliveryHandle, QueueStore, StoreError},
     mirror::{self, Copy, MirrorClient, MirrorEvent, MirrorSettings},
+    auth::Credentials,
     recipients::RecipientPolicy,
     session::{self, Acceptor, SessionSettings},
     spool::{Area, Spool},
@@ -179,6 +180,7 @@ pub struct Acceptance {
     /// Accepted messages go to delivery through this.
     submit: mpsc::UnboundedSender<MessageId>,
     counters: Arc<RelayCounters>,
+    credentials: Option<Arc<Credentials>>,
 }
 
 /// What the relay counts for `/metrics`.
@@ -268,6 +270,15 @@ impl Acceptor for Acceptance {
     fn accept(&self, envelope: Envelope, content: Vec<u8>) -> impl std::future::Future<Output = Result<(), String>> + Send {
         self.store(envelope, content)
     }
+
+    fn authenticate(&self, user: &str, password: &str) -> impl std::future::Future<Output = bool> + Send {
+        let (credentials, user, password) = (self.credentials.clone(), user.to_string(), password.to_string());
+        async move {
+            let Some(c) = credentials else { return false };
+            // A crypt check takes milliseconds by design: off the async threads.
+            tokio::task::spawn_blocking(move || c.verify(&user, &password)).await.unwrap_or(false)
+        }
+    }
 }
 
 /// The queue as delivery sees it: this node's spool, with every change copied to the mirror.
@@ -348,6 +359,7 @@ pub struct Relay {
     mirror: Option<Arc<MirrorClient>>,
     counters: Arc<RelayCounters>,
     policy: Arc<RecipientPolicy>,
+    credentials: Option<Arc<Credentials>>,
     /// Set once delivery has started (after the first exchange with the mirror).
     delivery: Arc<Mutex<Option<DeliveryHandle>>>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -428,9 +440,16 @@ impl Relay {
         if present { Ok(id) } else { Err(format!("no message {id} in this node's queue")) }
     }
 
-    /// Re-reads the valid-mailbox list.
+    /// Re-reads the valid-mailbox list and the AUTH users (each keeps its old contents if its
+    /// file is broken).
     pub fn reload(&self) -> Result<String, String> {
-        self.policy.reload().map(|n| format!("{n} mailboxes")).map_err(|e| e.to_string())
+        let mailboxes = self.policy.reload().map(|n| format!("{n} mailboxes")).map_err(|e| e.to_string());
+        let users = self.credentials.as_ref().map(|c| c.reload().map(|n| format!("{n} AUTH users")).map_err(|e| e.to_string()));
+        match (mailboxes, users) {
+            (Ok(m), None) => Ok(m),
+            (Ok(m), Some(Ok(u))) => Ok(format!("{m}, {u}")),
+            (Err(e), _) | (_, Some(Err(e))) => Err(e),
+        }
     }
 
     /// Waits for every relay task (after the stop signal): sessions finish, delivery stops.
@@ -498,6 +517,7 @@ fn delivery_settings(r: &RelayConfig, config: &Config) -> Result<(delivery::Sett
 
 fn session_settings(r: &RelayConfig, tls: Option<Arc<rustls::ServerConfig>>) -> SessionSettings {
     let mut s = SessionSettings::new(&r.hostname, &r.node_name);
+    s.smtp.auth = r.auth_users.is_some() && tls.is_some();
     s.smtp.max_message_size = r.max_message_size;
     s.smtp.max_recipients = r.max_recipients as usize;
     s.smtp.max_messages = r.max_messages_per_session;
@@ -534,6 +554,10 @@ pub async fn start(
         RecipientPolicy::new(r.domains.clone(), trusted, r.mailboxes.clone()).map_err(|e| RelayError::Setup(e.to_string()))?,
     );
     let tls = starttls_config(r)?;
+    let credentials = match &r.auth_users {
+        Some(path) => Some(Arc::new(Credentials::load(path).map_err(|e| RelayError::Setup(e.to_string()))?)),
+        None => None,
+    };
     let (events_tx, events_rx) = mpsc::channel(64);
     let mut tasks = Vec::new();
     let settings = mirror_settings(r)?;
@@ -565,6 +589,7 @@ pub async fn start(
         spool: spool.clone(),
         mirror: mirror.clone(),
         counters: counters.clone(),
+        credentials: credentials.clone(),
         policy: policy.clone(),
         delivery: Arc::new(Mutex::new(None)),
         tasks: std::sync::Mutex::new(Vec::new()),
@@ -630,7 +655,7 @@ pub async fn start(
         }));
     }
 
-    let acceptance = Arc::new(Acceptance { spool, mirror, policy, submit: submit_tx, counters });
+    let acceptance = Arc::new(Acceptance { spool, mirror, policy, submit: submit_tx, counters, credentials });
     let settings = Arc::new(session_settings(r, tls));
     for port in &vip.ports {
         let addr = SocketAddr::new(vip.address, *port);

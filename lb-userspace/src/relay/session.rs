@@ -39,6 +39,9 @@ use super::{
     unix_now,
 };
 
+/// The wait before answering a failed AUTH, like Postfix's `smtpd_error_sleep_time`.
+const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(500);
+
 /// Where finished messages go, and who decides about recipients.
 pub trait Acceptor: Send + Sync + 'static {
     /// The answer to one `RCPT TO` (the address without brackets, or `postmaster`).
@@ -48,6 +51,10 @@ pub trait Acceptor: Send + Sync + 'static {
     /// The future runs in its own task to its end, even if the client is gone or the session's
     /// `data_termination_timeout` answered the client first.
     fn accept(&self, envelope: Envelope, content: Vec<u8>) -> impl Future<Output = Result<(), String>> + Send;
+    /// Checks SMTP AUTH credentials (offered only when `SmtpSettings::auth` is set).
+    fn authenticate(&self, _user: &str, _password: &str) -> impl Future<Output = bool> + Send {
+        std::future::ready(false)
+    }
 }
 
 /// Everything a session needs to know; shared by all sessions of one listener.
@@ -305,6 +312,17 @@ async fn dialogue<A: Acceptor>(
                     };
                     server.tls_established(authenticated);
                     client = ClientInfo { addr: peer, helo: String::new(), tls: true, authenticated };
+                }
+                Action::Authenticate { user, password } => {
+                    let ok = acceptor.authenticate(&user, &password).await;
+                    if ok {
+                        client.authenticated = true;
+                    } else {
+                        // Slows password guessing (the error limit ends the session).
+                        tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+                    }
+                    let more = server.auth_result(ok, &|r| acceptor.check_rcpt(r, &client));
+                    actions.extend(more);
                 }
                 Action::Message(draft) => {
                     let result = queue(draft, &client, settings, acceptor).await;

@@ -65,6 +65,9 @@ pub struct SmtpSettings {
     pub max_messages: u32,
     /// STARTTLS is offered (the session has a TLS configuration).
     pub starttls: bool,
+    /// SMTP AUTH (PLAIN, LOGIN) is offered, once TLS is active (never over plain text, like
+    /// Postfix's `smtpd_tls_auth_only = yes`).
+    pub auth: bool,
 }
 
 impl SmtpSettings {
@@ -74,6 +77,7 @@ impl SmtpSettings {
             hostname: hostname.into(),
             max_message_size: 10_240_000,
             max_recipients: 1000,
+            auth: false,
             max_errors: 20,
             max_messages: 100,
             starttls: false,
@@ -112,6 +116,9 @@ pub enum Action {
     /// A complete message: queue it, then call [`SmtpServer::message_result`]. Until then the
     /// machine answers nothing.
     Message(Draft),
+    /// AUTH credentials to check: then call [`SmtpServer::auth_result`]. Until then the machine
+    /// answers nothing.
+    Authenticate { user: String, password: String },
     /// Close the connection after sending the replies before this action.
     Close,
 }
@@ -167,6 +174,22 @@ pub struct SmtpServer {
     held: Vec<u8>,
     errors: u32,
     messages: u32,
+    /// The next line is an AUTH response (after a `334`), not a command.
+    pending_auth: Option<AuthStep>,
+    /// Who logged in with AUTH.
+    auth_user: Option<String>,
+    /// The user of the AUTH being checked.
+    auth_candidate: Option<String>,
+}
+
+/// Where an AUTH exchange stands between `334` challenges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AuthStep {
+    /// `AUTH PLAIN` without an initial response: the next line is the response.
+    Plain,
+    /// `AUTH LOGIN`: the next line is the user name, then the password.
+    LoginUser,
+    LoginPassword(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +205,7 @@ enum Mode {
     },
     AwaitingResult,
     AwaitingTls,
+    AwaitingAuth,
     Closed,
 }
 
@@ -424,7 +448,37 @@ impl SmtpServer {
             held: Vec::new(),
             errors: 0,
             messages: 0,
+            pending_auth: None,
+            auth_user: None,
+            auth_candidate: None,
         }
+    }
+
+    /// The user who logged in with AUTH, if any.
+    pub fn auth_user(&self) -> Option<&str> {
+        self.auth_user.as_deref()
+    }
+
+    /// The answer to the last [`Action::Authenticate`]. Returns the reply and whatever the
+    /// held input leads to.
+    pub fn auth_result(&mut self, ok: bool, rcpt_check: &dyn Fn(&str) -> RcptVerdict) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.mode != Mode::AwaitingAuth {
+            return out;
+        }
+        self.mode = Mode::Command;
+        let user = self.auth_candidate.take();
+        if ok {
+            self.auth_user = user;
+            // A client that proved who it is may relay and pipeline, as with a certificate.
+            self.authenticated = true;
+            self.reply(&mut out, 235, "2.7.0 Authentication successful");
+        } else {
+            self.error(&mut out, 535, "5.7.8 Error: authentication failed");
+        }
+        let held = std::mem::take(&mut self.held);
+        self.run(&held, rcpt_check, &mut out);
+        out
     }
 
     /// The `220` greeting to send first.
@@ -442,7 +496,7 @@ impl SmtpServer {
         match self.mode {
             Mode::Command => Phase::Command,
             Mode::Data | Mode::Chunk { .. } => Phase::Content,
-            Mode::AwaitingResult | Mode::AwaitingTls => Phase::Waiting,
+            Mode::AwaitingResult | Mode::AwaitingTls | Mode::AwaitingAuth => Phase::Waiting,
             Mode::Closed => Phase::Closed,
         }
     }
@@ -552,7 +606,7 @@ impl SmtpServer {
                         self.chunk_done(input, out);
                     }
                 }
-                Mode::AwaitingResult => {
+                Mode::AwaitingResult | Mode::AwaitingAuth => {
                     self.held.extend_from_slice(input);
                     return;
                 }
@@ -615,6 +669,9 @@ impl SmtpServer {
     }
 
     fn dispatch(&mut self, line: &[u8], rest: &[u8], check: &dyn Fn(&str) -> RcptVerdict, out: &mut Vec<Action>) {
+        if let Some(step) = self.pending_auth.take() {
+            return self.auth_response(step, line, out);
+        }
         let Ok(text) = std::str::from_utf8(line) else {
             self.error(out, 500, "5.5.2 Error: bad UTF-8 syntax");
             return;
@@ -648,7 +705,8 @@ impl SmtpServer {
                     self.reply(out, 252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery");
                 }
             }
-            "EXPN" | "AUTH" => self.error(out, 502, "5.5.1 Error: command not implemented"),
+            "EXPN" => self.error(out, 502, "5.5.1 Error: command not implemented"),
+            "AUTH" => self.auth(arg, out),
             "HELP" => {
                 self.reply(out, 214, "2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS")
             }
@@ -674,6 +732,9 @@ impl SmtpServer {
             r.push_str("250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n");
             if self.settings.starttls && !self.tls {
                 r.push_str("250-STARTTLS\r\n");
+            }
+            if self.settings.auth && self.tls {
+                r.push_str("250-AUTH PLAIN LOGIN\r\n");
             }
             r.push_str("250 CHUNKING\r\n");
             r
@@ -898,6 +959,83 @@ impl SmtpServer {
         self.mode = Mode::AwaitingResult;
     }
 
+    /// `AUTH mechanism [initial-response]` (RFC 4954): PLAIN and LOGIN, only over TLS.
+    fn auth(&mut self, arg: &str, out: &mut Vec<Action>) {
+        if !self.settings.auth {
+            return self.error(out, 502, "5.5.1 Error: command not implemented");
+        }
+        if !self.tls {
+            return self.error(out, 538, "5.7.11 Encryption required for requested authentication mechanism");
+        }
+        if !self.esmtp {
+            return self.error(out, 503, "5.5.1 Error: send EHLO first");
+        }
+        if self.auth_user.is_some() {
+            return self.error(out, 503, "5.5.1 Error: already authenticated");
+        }
+        if self.tx.is_some() {
+            return self.error(out, 503, "5.5.1 Error: MAIL transaction in progress");
+        }
+        let mut words = arg.split(' ').filter(|w| !w.is_empty());
+        let mechanism = words.next().unwrap_or_default().to_ascii_uppercase();
+        let initial = words.next();
+        match (mechanism.as_str(), initial) {
+            ("PLAIN", Some(response)) => self.auth_response(AuthStep::Plain, response.as_bytes(), out),
+            ("PLAIN", None) => {
+                self.pending_auth = Some(AuthStep::Plain);
+                self.reply(out, 334, "");
+            }
+            ("LOGIN", Some(user)) => self.auth_response(AuthStep::LoginUser, user.as_bytes(), out),
+            ("LOGIN", None) => {
+                self.pending_auth = Some(AuthStep::LoginUser);
+                self.reply(out, 334, "VXNlcm5hbWU6");
+            }
+            ("", _) => self.error(out, 501, "5.5.4 Syntax: AUTH mechanism"),
+            _ => self.error(out, 504, "5.5.4 Error: unsupported authentication mechanism"),
+        }
+    }
+
+    /// One base64 response line of an AUTH exchange (`*` cancels it).
+    fn auth_response(&mut self, step: AuthStep, line: &[u8], out: &mut Vec<Action>) {
+        use base64::Engine as _;
+        if line == b"*" {
+            return self.error(out, 501, "5.7.0 Authentication aborted");
+        }
+        // `=` is an empty initial response (RFC 4954 §4).
+        let decoded = if line == b"=" { Ok(Vec::new()) } else { base64::engine::general_purpose::STANDARD.decode(line) };
+        let Ok(decoded) = decoded else {
+            return self.error(out, 501, "5.5.2 Error: invalid base64 data");
+        };
+        let Ok(text) = String::from_utf8(decoded) else {
+            return self.error(out, 501, "5.5.2 Error: invalid UTF-8 in credentials");
+        };
+        let (user, password) = match step {
+            // authzid NUL authcid NUL password; an authzid other than the authcid is refused.
+            AuthStep::Plain => {
+                let mut parts = text.split('\0');
+                let (Some(authz), Some(user), Some(password), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return self.error(out, 501, "5.5.2 Error: malformed PLAIN response");
+                };
+                if !authz.is_empty() && authz != user {
+                    return self.error(out, 535, "5.7.8 Error: authentication failed");
+                }
+                (user.to_string(), password.to_string())
+            }
+            AuthStep::LoginUser => {
+                self.pending_auth = Some(AuthStep::LoginPassword(text));
+                return self.reply(out, 334, "UGFzc3dvcmQ6");
+            }
+            AuthStep::LoginPassword(user) => (user, text),
+        };
+        if user.is_empty() {
+            return self.error(out, 535, "5.7.8 Error: authentication failed");
+        }
+        self.auth_candidate = Some(user.clone());
+        self.mode = Mode::AwaitingAuth;
+        out.push(Action::Authenticate { user, password });
+    }
+
     fn starttls(&mut self, arg: &str, out: &mut Vec<Action>) {
         if !arg.trim().is_empty() {
             return self.error(out, 501, "5.5.4 Syntax: STARTTLS");
@@ -1074,6 +1212,7 @@ mod tests {
                 Action::Reply(r) => String::from_utf8_lossy(r).into_owned(),
                 Action::StartTls => "<starttls>".to_string(),
                 Action::Message(_) => "<message>".to_string(),
+                Action::Authenticate { user, password } => format!("<auth {user}/{password}>"),
                 Action::Close => "<close>".to_string(),
             })
             .collect()
@@ -1746,6 +1885,58 @@ mod tests {
         let out = feed(&mut s, b"STARTTLS\r\nMAIL FROM:<injected@b.c>\r\n");
         assert!(desynced(&out));
         assert!(!out.contains(&Action::StartTls));
+    }
+
+    /// A session after STARTTLS and EHLO, AUTH configured.
+    fn tls_session_with_auth() -> SmtpServer {
+        let mut settings = SmtpSettings::new("mx.test");
+        settings.starttls = true;
+        settings.auth = true;
+        let mut s = SmtpServer::new(settings, false);
+        let ehlo = say(&mut s, "EHLO c\r\n");
+        assert!(!ehlo.contains("AUTH"), "AUTH offered before TLS: {ehlo}");
+        assert_eq!(say(&mut s, "AUTH PLAIN AGJvYgBwdw==\r\n"), "538 5.7.11 Encryption required for requested authentication mechanism\r\n");
+        feed(&mut s, b"STARTTLS\r\n");
+        s.tls_established(false);
+        assert!(say(&mut s, "EHLO c\r\n").contains("250-AUTH PLAIN LOGIN\r\n"));
+        s
+    }
+
+    #[test]
+    fn auth_plain_and_login_over_tls() {
+        use base64::Engine as _;
+        let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+        // PLAIN with an initial response; success lifts relay and pipelining limits.
+        let mut s = tls_session_with_auth();
+        let out = feed(&mut s, format!("AUTH PLAIN {}\r\n", b64("\0bob\0pw")).as_bytes());
+        assert_eq!(texts(&out), ["<auth bob/pw>"]);
+        assert_eq!(s.phase(), Phase::Waiting);
+        assert!(feed(&mut s, b"MAIL FROM:<a@b.c>\r\n").is_empty(), "nothing is answered while the check runs");
+        assert_eq!(codes(&s.auth_result(true, &accept_all)), ["235", "250"]);
+        assert_eq!(s.auth_user(), Some("bob"));
+        let out = feed(&mut s, b"RCPT TO:<x@y.z>\r\nDATA\r\nx\r\n.\r\nRSET\r\n");
+        assert_eq!(codes(&out), ["250", "354", "<message>"]);
+        assert_eq!(codes(&s.message_result(Ok(&id()), &accept_all)), ["250", "250"], "pipelined RSET after the data");
+        assert_eq!(say(&mut s, "AUTH PLAIN\r\n"), "503 5.5.1 Error: already authenticated\r\n");
+
+        // LOGIN, step by step, with a wrong password.
+        let mut s = tls_session_with_auth();
+        assert_eq!(say(&mut s, "AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(say(&mut s, &format!("{}\r\n", b64("alice"))), "334 UGFzc3dvcmQ6\r\n");
+        assert_eq!(texts(&feed(&mut s, format!("{}\r\n", b64("nope")).as_bytes())), ["<auth alice/nope>"]);
+        assert_eq!(texts(&s.auth_result(false, &accept_all)), ["535 5.7.8 Error: authentication failed\r\n"]);
+        assert_eq!(s.auth_user(), None);
+        // PLAIN without an initial response, cancelled; junk; another identity; bad mechanism.
+        assert_eq!(say(&mut s, "AUTH PLAIN\r\n"), "334 \r\n");
+        assert_eq!(say(&mut s, "*\r\n"), "501 5.7.0 Authentication aborted\r\n");
+        assert_eq!(say(&mut s, "AUTH PLAIN %%%\r\n"), "501 5.5.2 Error: invalid base64 data\r\n");
+        let other = format!("AUTH PLAIN {}\r\n", b64("admin\0bob\0pw"));
+        assert_eq!(say(&mut s, &other), "535 5.7.8 Error: authentication failed\r\n");
+        assert_eq!(say(&mut s, "AUTH CRAM-MD5\r\n"), "504 5.5.4 Error: unsupported authentication mechanism\r\n");
+        // Not configured: not offered, not accepted.
+        let mut s = server();
+        assert!(!say(&mut s, "EHLO c\r\n").contains("AUTH"));
+        assert_eq!(say(&mut s, "AUTH PLAIN AGJvYgBwdw==\r\n"), "502 5.5.1 Error: command not implemented\r\n");
     }
 
     #[test]
