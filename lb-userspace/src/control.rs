@@ -257,7 +257,7 @@ impl Controller {
             Some(m) => m.reason_counters()?.into_iter().map(|(r, c)| (r.name().to_string(), c.packets)).collect(),
             None => Vec::new(),
         };
-        Ok(crate::metrics::Status { backends, vips, decisions, vrrp: self.vrrp.read() })
+        Ok(crate::metrics::Status { backends, vips, decisions, vrrp: self.vrrp.read(), relay: None })
     }
 
     /// VRRP: this node became master of `vips` (`active`) or stopped being it. Published at
@@ -475,7 +475,13 @@ async fn handle(
                 Err(e) => Response { ok: false, message: format!("bad request: {e}") },
                 Ok(Request::Ping) => Response { ok: true, message: "pong".into() },
                 Ok(Request::Status) => match controller.lock().await.status() {
-                    Ok(st) => Response { ok: true, message: serde_json::to_string(&st).unwrap_or_default() },
+                    Ok(mut st) => {
+                        if let Some(r) = &relay {
+                            let r = r.clone();
+                            st.relay = tokio::task::spawn_blocking(move || r.snapshot()).await.ok();
+                        }
+                        Response { ok: true, message: serde_json::to_string(&st).unwrap_or_default() }
+                    }
                     Err(e) => Response { ok: false, message: e.to_string() },
                 },
                 Ok(Request::Change { change }) => match controller.lock().await.change(change).await {

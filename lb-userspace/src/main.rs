@@ -601,6 +601,23 @@ async fn status(config: Config, json: bool) -> Result<()> {
     for (reason, n) in &st.decisions {
         println!("{reason:<22} {n:>14}");
     }
+    if let Some(r) = &st.relay {
+        println!();
+        let mirror = match r.mirror_connected {
+            None => "none configured".to_string(),
+            Some(up) => format!(
+                "{}; {} copies confirmed, {} failed, {} accepted WITHOUT a copy, {} resent, {} taken over",
+                if up { "connected" } else { "DOWN" },
+                r.copies_confirmed,
+                r.copies_failed,
+                r.accepted_unmirrored,
+                r.resynced,
+                r.taken_over
+            ),
+        };
+        println!("relay: {} accepted, {} refused (no copy); queue {}, peer copies {}", r.accepted, r.refused_unstored, r.queued, r.replicas);
+        println!("mirror: {mirror}");
+    }
     Ok(())
 }
 

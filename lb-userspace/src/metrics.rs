@@ -68,6 +68,9 @@ pub struct Status {
     /// VRRP instances: state, priority, master, counters.
     #[serde(default)]
     pub vrrp: Vec<crate::vrrp::InstanceStatus>,
+    /// The relay's queue and mirror, when this node runs one.
+    #[serde(default)]
+    pub relay: Option<crate::relay::service::RelaySnapshot>,
 }
 
 /// The agent's metrics: the probe histograms, and a collector reading the rest on scrape.

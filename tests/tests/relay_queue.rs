@@ -43,6 +43,12 @@ fn deferred_messages_survive_a_crash_and_the_queue_commands_work() -> Result<()>
         before.iter().all(|e| e["rcpts"][0]["state"] == "pending" && e["rcpts"][0]["attempts"].as_u64().unwrap_or(0) >= 1),
         "not deferred after an attempt: {before:?}"
     );
+    // `mxlb status` shows the relay: its queue and the mirror link.
+    let st: serde_json::Value = serde_json::from_str(&pair.lb1.cli(&["status", "--json"])?)?;
+    ensure!(st["relay"]["queued"] == 5 && st["relay"]["mirror_connected"] == true, "status: {}", st["relay"]);
+    ensure!(st["relay"]["accepted"] == 5, "status: {}", st["relay"]);
+    let text = pair.lb1.cli(&["status"])?;
+    ensure!(text.contains("queue 5") && text.contains("mirror: connected"), "status:\n{text}");
     let text = pair.lb1.cli(&["queue", "list"])?;
     ensure!(ids.iter().all(|id| text.contains(id.as_str())), "plain listing lacks ids:\n{text}");
     let shown = pair.lb1.cli(&["queue", "show", &ids[0]])?;
