@@ -347,7 +347,7 @@ mod tests {
             adverts_received: 7,
             dropped: [("checksum".to_string(), 5u64)].into(),
         };
-        let status = Status { backends: vec![], vips: vec![], decisions: vec![], vrrp: vec![vrrp] };
+        let status = Status { backends: vec![], vips: vec![], decisions: vec![], vrrp: vec![vrrp], relay: None };
         let text = Metrics::new().render(status).unwrap();
         for want in [
             "mxlb_vrrp_state{instance=\"smtp\",state=\"MASTER\"} 1",
