@@ -286,6 +286,12 @@ impl<'a> RelayPair<'a> {
 
 impl Drop for RelayPair<'_> {
     fn drop(&mut self) {
+        // The agents first (bounded), or a node still storing a copy recreates its spool
+        // after the directory is gone.
+        if let Some(lb2) = self.lb2.as_mut() {
+            let _ = lb2.stop();
+        }
+        let _ = self.lb1.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
