@@ -47,7 +47,7 @@ use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     sync::{mpsc, oneshot, watch},
 };
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -560,7 +560,7 @@ pub async fn serve(
     stats: Arc<MirrorStats>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), MirrorError> {
-    let listener = bind_freely(settings.listen).map_err(|e| MirrorError::Protocol(format!("listen on {}: {e}", settings.listen)))?;
+    let listener = crate::shed::freebind_listener(settings.listen).map_err(|e| MirrorError::Protocol(format!("listen on {}: {e}", settings.listen)))?;
     std::fs::create_dir_all(&settings.taken_over_dir)
         .map_err(|e| MirrorError::Protocol(format!("{}: {e}", settings.taken_over_dir.display())))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(settings.server_tls.clone());
@@ -582,11 +582,11 @@ pub async fn serve(
                         }
                         Err(_) => return,
                     };
-                    let generation = link.connected();
-                    if let Err(e) = peer_session(tls, &settings, &spool, &link, stop).await {
+                    link.connected();
+                    if let Err(e) = peer_session(tls, &settings, &spool, stop).await {
                         debug!(%from, error = %e, "mirror: peer link ended");
                     }
-                    link.disconnected(generation);
+                    link.disconnected();
                 });
             }
             _ = check.tick() => {
@@ -608,23 +608,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Binds even while the address is not (yet) on this node: the mirror listens on the
-/// node's own address, but the relay's VIP may come and go with VRRP.
-pub(crate) fn bind_freely(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv4() {
-        socket.set_freebind_v4(true)?;
-    } else {
-        socket.set_only_v6(true)?;
-        socket.set_freebind_v6(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
-}
-
 /// Whether the peer is connected, and since when it is not.
 #[derive(Debug)]
 struct PeerLink {
@@ -635,7 +618,6 @@ struct PeerLink {
 struct LinkState {
     /// Connections open now (a reconnect may overlap the old one's end).
     open: u32,
-    generation: u64,
     /// When the last connection ended (or the server started).
     gone_since: Instant,
     /// Copies were already taken over for this absence.
@@ -644,7 +626,7 @@ struct LinkState {
 
 impl Default for PeerLink {
     fn default() -> Self {
-        PeerLink { state: Mutex::new(LinkState { open: 0, generation: 0, gone_since: Instant::now(), taken: false }) }
+        PeerLink { state: Mutex::new(LinkState { open: 0, gone_since: Instant::now(), taken: false }) }
     }
 }
 
@@ -653,14 +635,11 @@ impl PeerLink {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn connected(&self) -> u64 {
-        let mut s = self.lock();
-        s.open += 1;
-        s.generation += 1;
-        s.generation
+    fn connected(&self) {
+        self.lock().open += 1;
     }
 
-    fn disconnected(&self, _generation: u64) {
+    fn disconnected(&self) {
         let mut s = self.lock();
         s.open = s.open.saturating_sub(1);
         if s.open == 0 {
@@ -717,10 +696,8 @@ async fn peer_session<T: AsyncRead + AsyncWrite + Unpin>(
     tls: T,
     settings: &MirrorSettings,
     spool: &Arc<Spool>,
-    link: &PeerLink,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), MirrorError> {
-    let _ = link;
     let mut io = Framed::new(tls, codec(settings.max_message_size));
     let silence = settings.heartbeat * 3;
     let (node, inventory) = match tokio::time::timeout(settings.ack_timeout, receive(&mut io)).await {
@@ -758,9 +735,6 @@ async fn peer_session<T: AsyncRead + AsyncWrite + Unpin>(
                 };
                 match frame.header {
                     Header::Store { envelope } => {
-                        if frame.content.len() as u64 != envelope.size && envelope.size != 0 {
-                            debug!(id = %envelope.id, "content size differs from the envelope's");
-                        }
                         let (spool, done_tx) = (spool.clone(), done_tx.clone());
                         tokio::spawn(async move {
                             let id = envelope.id.clone();

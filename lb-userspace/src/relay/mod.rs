@@ -181,6 +181,13 @@ impl Envelope {
     }
 }
 
+/// `Tue, 03 Mar 2026 10:00:00 +0000` (RFC 5322 §3.3, in UTC): the Received header's date and
+/// the dates in bounces.
+pub fn rfc5322_date(unix: u64) -> String {
+    let t = chrono::DateTime::from_timestamp(i64::try_from(unix).unwrap_or(i64::MAX), 0).unwrap_or_default();
+    t.format("%a, %d %b %Y %H:%M:%S +0000").to_string()
+}
+
 /// Unix time now, in seconds.
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)

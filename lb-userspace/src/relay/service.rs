@@ -433,10 +433,7 @@ impl Relay {
     async fn own(&self, id: &str) -> Result<MessageId, String> {
         let id: MessageId = id.parse().map_err(|e: super::BadMessageId| e.to_string())?;
         let (spool, probe) = (self.spool.clone(), id.clone());
-        let present = tokio::task::spawn_blocking(move || spool.ids(Area::Queue).map(|ids| ids.contains(&probe)))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let present = tokio::task::spawn_blocking(move || spool.contains(Area::Queue, &probe)).await.map_err(|e| e.to_string())?;
         if present { Ok(id) } else { Err(format!("no message {id} in this node's queue")) }
     }
 
@@ -659,7 +656,7 @@ pub async fn start(
     let settings = Arc::new(session_settings(r, tls));
     for port in &vip.ports {
         let addr = SocketAddr::new(vip.address, *port);
-        let listener = mirror::bind_freely(addr).map_err(|source| RelayError::Listen { addr, source })?;
+        let listener = crate::shed::freebind_listener(addr).map_err(|source| RelayError::Listen { addr, source })?;
         info!(%addr, "relay listening");
         tasks.push(tokio::spawn(session::serve(listener, settings.clone(), acceptance.clone(), stop.clone())));
     }

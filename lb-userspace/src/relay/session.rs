@@ -392,7 +392,7 @@ async fn queue<A: Acceptor>(
 ) -> Result<MessageId, String> {
     let id = MessageId::generate();
     let client = ClientInfo { helo: draft.helo.clone(), ..client.clone() };
-    let date = chrono::Utc::now().to_rfc2822();
+    let date = super::rfc5322_date(unix_now());
     let mut content = received_header(&draft, &client, &settings.smtp.hostname, &id, &date).into_bytes();
     content.extend_from_slice(&draft.content);
     let envelope = Envelope {

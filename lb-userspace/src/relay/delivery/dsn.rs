@@ -2,7 +2,7 @@
 //! permanently or expired in the queue. Pure: the caller queues the result like any message.
 use std::{fmt::Write as _, net::SocketAddr};
 
-use crate::relay::{ClientInfo, Envelope, MessageId, Recipient};
+use crate::relay::{ClientInfo, Envelope, MessageId, Recipient, rfc5322_date};
 
 /// Most of the original header section quoted back; a huge header block should not make a
 /// huge bounce.
@@ -139,28 +139,6 @@ fn header_section(content: &[u8]) -> &[u8] {
 
 fn find(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// `Tue, 03 Mar 2026 10:00:00 +0000` (RFC 5322 §3.3), in UTC.
-pub fn rfc5322_date(unix: u64) -> String {
-    let days = unix / 86_400;
-    let secs = unix % 86_400;
-    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
-    // Civil from days (H. Hinnant's algorithm), days since 1970-01-01.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let month_name = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-        .get((month - 1) as usize)
-        .copied()
-        .unwrap_or("Jan");
-    format!("{weekday}, {day:02} {month_name} {year} {:02}:{:02}:{:02} +0000", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
 #[cfg(test)]
