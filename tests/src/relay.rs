@@ -580,6 +580,37 @@ impl RawSmtp {
     }
 }
 
+/// The fault tests' load: smtp-source with `messages` 4 KiB messages over 20 sessions to
+/// `rcpt@example.net`, `-v` so its log carries every `250 ... queued as ID` (see
+/// [`acknowledged_ids`]), bounded to 2 minutes.
+pub fn logged_load(messages: u32) -> crate::SourceOpts {
+    crate::SourceOpts {
+        sessions: messages,
+        concurrency: 20,
+        msg_size: 4096,
+        to: format!("rcpt@{DOMAIN}"),
+        timeout: Duration::from_secs(120),
+        extra: vec!["-v".into()],
+        ..Default::default()
+    }
+}
+
+/// Runs `load` from the client against `target` while `fault` runs on this thread (a kill,
+/// a restart); returns smtp-source's result once both are done.
+pub fn under_load(
+    lab: &Lab,
+    target: SocketAddr,
+    load: &crate::SourceOpts,
+    fault: impl FnOnce() -> Result<()>,
+) -> Result<crate::SourceResult> {
+    std::thread::scope(|s| {
+        let running = s.spawn(|| lab.smtp_source(target, load));
+        let faulted = fault();
+        let source = running.join().map_err(|_| anyhow::anyhow!("the smtp-source thread panicked"))??;
+        faulted.map(|()| source)
+    })
+}
+
 /// What one crash trial saw.
 #[derive(Debug, Clone)]
 pub struct KillTrial {
@@ -642,15 +673,7 @@ pub fn kill_trial(
             let mut runs: Vec<crate::SourceResult> = Vec::new();
             let mut completed = 0u64;
             while completed < u64::from(messages) && runs.len() < 40 && started.elapsed() < Duration::from_secs(240) {
-                let opts = crate::SourceOpts {
-                    sessions: messages - completed as u32,
-                    concurrency: 20,
-                    msg_size: 4096,
-                    to: format!("rcpt@{DOMAIN}"),
-                    timeout: Duration::from_secs(120),
-                    extra: vec!["-v".into()],
-                    ..Default::default()
-                };
+                let opts = logged_load(messages - completed as u32);
                 let r = lab.smtp_source(vip, &opts)?;
                 completed += r.completed;
                 let short = r.completed < u64::from(opts.sessions);

@@ -13,7 +13,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use lab::relay::{DumpSinks, RelayOpts, RelayPair, acknowledged_ids, kill_trial, reconcile, relay_lab};
+use lab::relay::{
+    DumpSinks, RelayOpts, RelayPair, acknowledged_ids, kill_trial, logged_load, reconcile, relay_lab, under_load,
+};
 
 /// Pseudo-random kill instants (no rand crate needed): spread over the run.
 fn kill_instant(trial: u32) -> Duration {
@@ -83,18 +85,8 @@ fn a_dead_mirror_means_451_in_strict_mode_and_nothing_acknowledged_is_lost() -> 
     let lab = relay_lab(2)?;
     let sinks = DumpSinks::start(&lab)?;
     let mut pair = RelayPair::start(&lab, RelayOpts::default())?;
-    let opts = lab::SourceOpts {
-        sessions: 1500,
-        concurrency: 20,
-        msg_size: 4096,
-        to: "rcpt@example.net".into(),
-        timeout: Duration::from_secs(120),
-        extra: vec!["-v".into()],
-        ..Default::default()
-    };
     let vip = pair.vip();
-    let source = std::thread::scope(|s| -> Result<lab::SourceResult> {
-        let load = s.spawn(|| lab.smtp_source(vip, &opts));
+    let source = under_load(&lab, vip, &logged_load(1500), || {
         std::thread::sleep(Duration::from_millis(500));
         if let Some(lb2) = pair.lb2.as_mut() {
             lb2.kill();
@@ -103,7 +95,7 @@ fn a_dead_mirror_means_451_in_strict_mode_and_nothing_acknowledged_is_lost() -> 
         if let Some(lb2) = pair.lb2.as_mut() {
             lb2.launch()?;
         }
-        load.join().map_err(|_| anyhow::anyhow!("smtp-source thread panicked"))?
+        Ok(())
     })?;
     let mut acknowledged = acknowledged_ids(&source.stderr);
     // smtp-source gives up at the first 451; strict mode refuses only while the mirror is gone.
@@ -112,7 +104,7 @@ fn a_dead_mirror_means_451_in_strict_mode_and_nothing_acknowledged_is_lost() -> 
     ensure!(pair.lb2.as_ref().is_some_and(|n| n.pid().is_some()), "LB 2 did not come back");
     // Once the mirror is back (its link re-established), mail is accepted again.
     acknowledged.extend(pair.wait_accepting(Duration::from_secs(15))?);
-    let after = lab.smtp_source(vip, &lab::SourceOpts { sessions: 300, ..opts.clone() })?;
+    let after = lab.smtp_source(vip, &logged_load(300))?;
     ensure!(after.completed == 300, "after the mirror returned: {:?}", after.warnings);
     acknowledged.extend(acknowledged_ids(&after.stderr));
     let outcome = reconcile(&acknowledged, &sinks.wait_for(&acknowledged, Duration::from_secs(60)));
@@ -172,21 +164,10 @@ fn a_dead_backend_loses_nothing() -> Result<()> {
     let lab = relay_lab(2)?;
     let mut sinks = DumpSinks::start(&lab)?;
     let pair = RelayPair::start(&lab, RelayOpts::default())?;
-    let opts = lab::SourceOpts {
-        sessions: 1000,
-        concurrency: 20,
-        msg_size: 4096,
-        to: "rcpt@example.net".into(),
-        timeout: Duration::from_secs(120),
-        extra: vec!["-v".into()],
-        ..Default::default()
-    };
-    let vip = pair.vip();
-    let source = std::thread::scope(|s| -> Result<lab::SourceResult> {
-        let load = s.spawn(|| lab.smtp_source(vip, &opts));
+    let source = under_load(&lab, pair.vip(), &logged_load(1000), || {
         std::thread::sleep(Duration::from_millis(400));
         sinks.kill(1);
-        load.join().map_err(|_| anyhow::anyhow!("smtp-source thread panicked"))?
+        Ok(())
     })?;
     let acknowledged = acknowledged_ids(&source.stderr);
     let outcome = reconcile(&acknowledged, &sinks.wait_for(&acknowledged, Duration::from_secs(60)));
