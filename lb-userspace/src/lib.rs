@@ -11,6 +11,8 @@
 //! - [`edge`]: edge protection: source block/allow lists (CIDR) and the per-source SYN rate
 //!   limit, kept in `state_dir/edge.json` and written to their own pinned maps.
 //! - [`maglev`]: weighted Maglev tables, identical on every node for identical input.
+//! - [`mailbox`]: the mailbox map (table, back-ends' reports, consistent hashing): which
+//!   back-end holds each mailbox, for the proxy and the relay.
 //! - [`maps`]: the one writer of the BPF maps (back-ends, rings, VIPs), and counter reads.
 //! - [`dataplane`]: loading the eBPF object, pinning maps and links, attaching XDP programs
 //!   (balancer, `decap` for dsr-ipip back-ends, `pass` for veth peers).
@@ -40,6 +42,7 @@ pub mod dataplane;
 pub mod desired;
 pub mod edge;
 pub mod maglev;
+pub mod mailbox;
 pub mod maps;
 pub mod metrics;
 pub mod health;

@@ -40,17 +40,27 @@ pub fn load<T: DeserializeOwned + Default>(path: &Path, what: &'static str) -> R
     }
 }
 
-/// Writes `value` to `dir/name` atomically and durably: temp file, fsync, rename, fsync of the
-/// directory.
+/// Writes `value` to `dir/name` atomically and durably (see [`write_atomic`]).
 pub fn save<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StateError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     let path = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Io { path: path.clone(), source: e.into() })?;
+    write_atomic(&path, &bytes)
+}
+
+/// Replaces `path` with `bytes` so a crash leaves the old or the new file, never half of one:
+/// temp file beside it, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(&bytes).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, &path).map_err(io(&path))?;
+    fs::rename(&tmp, path).map_err(io(path))?;
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
     Ok(())
 }
