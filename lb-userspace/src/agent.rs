@@ -42,6 +42,8 @@ pub struct AgentSettings {
     pub max_load_per_cpu: f64,
     /// Passed on as `maxconn:N` when set.
     pub maxconn: Option<u32>,
+    /// Where this server's mailbox list comes from (`mailboxes` requests); `None`: not exported.
+    pub mailboxes: Option<crate::mailbox::learn::MailboxSource>,
 }
 
 /// The raw figures (`detail`): also what load balancers read back ([`crate::policy`]).
@@ -208,6 +210,9 @@ async fn answer(mut stream: TcpStream, s: &AgentSettings) -> std::io::Result<()>
         Err(_) => 0,
     };
     let request = String::from_utf8_lossy(&buf[..n]);
+    if request.trim() == "mailboxes" || request.starts_with("GET /mailboxes") {
+        return answer_mailboxes(stream, s, request.starts_with("GET ")).await;
+    }
     let settings = s.clone();
     let figures = tokio::task::spawn_blocking(move || measure(&settings)).await.map_err(std::io::Error::other)?;
     let out = if request.starts_with("GET /detail") {
@@ -219,6 +224,43 @@ async fn answer(mut stream: TcpStream, s: &AgentSettings) -> std::io::Result<()>
         figures.reply
     };
     tokio::time::timeout(Duration::from_secs(5), stream.write_all(out.as_bytes()))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client does not read"))??;
+    stream.shutdown().await
+}
+
+/// The mailbox list (JSON, [`crate::mailbox::learn::MailboxList`]), plain or as an HTTP reply.
+/// A failed listing closes the connection without a list, so load balancers keep the last one.
+async fn answer_mailboxes(mut stream: TcpStream, s: &AgentSettings, http: bool) -> std::io::Result<()> {
+    let Some(source) = s.mailboxes.clone() else {
+        let msg = "this agent exports no mailbox list (start it with --mailboxes)";
+        let out = match http {
+            true => format!("HTTP/1.0 404 Not Found\r\nContent-Length: {}\r\n\r\n{msg}", msg.len()),
+            false => format!("{msg}\n"),
+        };
+        stream.write_all(out.as_bytes()).await?;
+        return stream.shutdown().await;
+    };
+    let listed = tokio::task::spawn_blocking(move || source.list()).await.map_err(std::io::Error::other)?;
+    let out = match listed {
+        Ok(mailboxes) => {
+            let body = serde_json::to_vec(&crate::mailbox::learn::MailboxList { mailboxes }).map_err(std::io::Error::other)?;
+            let mut out = match http {
+                true => format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes(),
+                false => Vec::new(),
+            };
+            out.extend_from_slice(&body);
+            out
+        }
+        Err(e) => {
+            warn!(error = %e, "mailbox list");
+            match http {
+                true => format!("HTTP/1.0 500 Internal Server Error\r\nContent-Length: {}\r\n\r\n{e}", e.len()).into_bytes(),
+                false => format!("cannot list mailboxes: {e}\n").into_bytes(),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), stream.write_all(&out))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client does not read"))??;
     stream.shutdown().await
@@ -238,6 +280,7 @@ mod tests {
             max_disk_pct: 95.0,
             max_load_per_cpu: 2.0,
             maxconn: Some(300),
+            mailboxes: None,
         }
     }
 
@@ -322,6 +365,56 @@ mod tests {
         assert!(http.starts_with("HTTP/1.0 200 OK\r\n") && http.contains("\"queue\":250"), "{http}");
         let _ = tx.send(());
         server.await.unwrap().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn exports_its_mailboxes_and_load_balancers_learn_them() {
+        use crate::mailbox::{Directory, Existence, MailboxBackend, learn};
+        let dir = std::env::temp_dir().join(format!("mxlb-agent-mb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let users = dir.join("users");
+        std::fs::write(&users, "alice@example.org:{PLAIN}x:65534:65534::/m/a::\nBob@example.org:{PLAIN}y::\n").unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let s = AgentSettings {
+            listen: addr,
+            mailboxes: Some(learn::MailboxSource::PasswdFile(users.clone())),
+            ..settings()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(s, async move {
+            let _ = rx.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let timeout = Duration::from_secs(5);
+        assert_eq!(learn::fetch(addr, timeout).await.unwrap(), vec!["alice@example.org", "Bob@example.org"]);
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /mailboxes HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut http = String::new();
+        c.read_to_string(&mut http).await.unwrap();
+        assert!(http.starts_with("HTTP/1.0 200 OK\r\n") && http.ends_with(r#"{"mailboxes":["alice@example.org","Bob@example.org"]}"#), "{http}");
+
+        // An LB node's map learns them, and a user added to the file after the next refresh.
+        let backend = MailboxBackend { name: "a".into(), address: addr.ip(), weight: 1, agent: Some(addr) };
+        let d = Directory::new(vec![backend], None).unwrap();
+        assert!(learn::refresh(&d).await.is_empty());
+        assert_eq!(d.exists("bob@example.org"), Existence::Exists);
+        assert_eq!(d.exists("carol@example.org"), Existence::Nowhere);
+        std::fs::write(&users, "alice@example.org:x\nbob@example.org:y\ncarol@example.org:z\n").unwrap();
+        learn::refresh(&d).await;
+        assert_eq!(d.exists("carol@example.org"), Existence::Exists);
+        // The list source breaks: the fetch fails, the last list stays.
+        std::fs::remove_file(&users).unwrap();
+        let errors = learn::refresh(&d).await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(d.exists("carol@example.org"), Existence::Exists);
+        let _ = tx.send(());
+        server.await.unwrap().unwrap();
+        // A dead agent: a clear error, not a hang.
+        let err = learn::fetch(addr, timeout).await.unwrap_err();
+        assert!(err.starts_with("connect: "), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -15,6 +15,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod mailbox;
 pub mod relay;
 
 /// The configuration used when none is given: the lab topology that `cargo xtask run` builds
@@ -50,6 +51,10 @@ pub struct Config {
     /// The store-and-forward SMTP relay with a mirrored queue (on a `local` VIP).
     #[serde(default)]
     pub relay: Option<relay::RelayConfig>,
+    /// The mailbox map (which back-end holds each mailbox) for the proxy and partitioned
+    /// delivery.
+    #[serde(default)]
+    pub mailbox: Option<mailbox::MailboxConfig>,
 }
 
 /// One VRRPv3 virtual router (RFC 5798/9568): the node with the highest priority holds the
@@ -758,6 +763,7 @@ impl Config {
         }
         self.validate_vrrp(&mut p);
         relay::validate(self, &mut p);
+        mailbox::validate(self, &mut p);
         out
     }
 

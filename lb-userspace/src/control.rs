@@ -405,6 +405,9 @@ pub enum Request {
     Status,
     /// `mxlb queue ...`: the relay's queue (answered by [`crate::relay::service::Relay::handle`]).
     Queue { action: crate::relay::service::QueueAction },
+    /// `mxlb mailbox ...`: the mailbox map (answered by
+    /// [`crate::mailbox::service::MailboxService::handle`]).
+    Mailbox { action: crate::mailbox::service::MailboxAction },
     Ping,
 }
 
@@ -420,6 +423,7 @@ pub async fn serve(
     path: PathBuf,
     controller: std::sync::Arc<Mutex<Controller>>,
     relay: Option<std::sync::Arc<crate::relay::service::Relay>>,
+    mailboxes: Option<std::sync::Arc<crate::mailbox::service::MailboxService>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ControlError> {
     if let Some(dir) = path.parent() {
@@ -436,9 +440,9 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let (controller, relay) = (controller.clone(), relay.clone());
+                let (controller, relay, mailboxes) = (controller.clone(), relay.clone(), mailboxes.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, controller, relay).await {
+                    if let Err(e) = handle(stream, controller, relay, mailboxes).await {
                         warn!(error = %e, "control connection");
                     }
                 });
@@ -456,6 +460,7 @@ async fn handle(
     stream: UnixStream,
     controller: std::sync::Arc<Mutex<Controller>>,
     relay: Option<std::sync::Arc<crate::relay::service::Relay>>,
+    mailboxes: Option<std::sync::Arc<crate::mailbox::service::MailboxService>>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 * 16));
@@ -491,6 +496,13 @@ async fn handle(
                 Ok(Request::Queue { action }) => match &relay {
                     None => Response { ok: false, message: "this node runs no relay ([relay] is not configured)".into() },
                     Some(r) => match r.handle(action).await {
+                        Ok(m) => Response { ok: true, message: m },
+                        Err(m) => Response { ok: false, message: m },
+                    },
+                },
+                Ok(Request::Mailbox { action }) => match &mailboxes {
+                    None => Response { ok: false, message: "no mailbox map ([mailbox] is not configured)".into() },
+                    Some(m) => match m.handle(action).await {
                         Ok(m) => Response { ok: true, message: m },
                         Err(m) => Response { ok: false, message: m },
                     },

@@ -108,6 +108,35 @@ enum Command {
     /// when no agent runs.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// The mailbox map: which back-end holds each mailbox (for the POP3/IMAP proxy and the
+    /// relay's partitioned delivery). `where`, `list` and `move` work without a running agent
+    /// (from the config and the table; no health or learned lists then).
+    #[command(subcommand)]
+    Mailbox(MailboxCommand),
+}
+
+#[derive(Subcommand)]
+enum MailboxCommand {
+    /// The back-end holding MAILBOX, and why (table, learned from the back-ends, or hashed).
+    Where {
+        mailbox: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make BACKEND the owner of MAILBOX: recorded in the mailbox table, and the user's open
+    /// proxied sessions are ended so they reconnect to the new owner. Copy the mail first
+    /// (e.g. `doveadm sync`).
+    Move { mailbox: String, backend: String },
+    /// Every mailbox known from the table and the back-ends' lists, with its owner, and the
+    /// state of each back-end's list.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch every back-end's mailbox list now (needs `mxlb run`).
+    Refresh,
+    /// Re-read the mailbox table (needs `mxlb run`; SIGHUP does the same).
+    Reload,
 }
 
 #[derive(Subcommand)]
@@ -205,6 +234,11 @@ struct AgentArgs {
     /// Connection limit to pass on (`maxconn:N`).
     #[arg(long)]
     maxconn: Option<u32>,
+    /// Also export this server's mailbox list, so load balancers learn where each mailbox
+    /// is: `doveadm` (`doveadm user '*'`), `passwd-file:PATH` or `command:CMD` (one name per
+    /// line).
+    #[arg(long)]
+    mailboxes: Option<mxlb::mailbox::learn::MailboxSource>,
 }
 
 #[derive(Subcommand)]
@@ -364,6 +398,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Stats { interval, json } => stats(config, interval, json).await,
         Command::Status { json } => status(config, json).await,
         Command::Queue(cmd) => queue(config, cmd).await,
+        Command::Mailbox(cmd) => mailbox(config, cmd).await,
         Command::Decap { action } => helper(Helper::Decap, action),
         Command::Pass { action } => helper(Helper::Pass, action),
         Command::Block(cmd) => block(config, cmd),
@@ -536,6 +571,58 @@ async fn queue(config: Config, cmd: QueueCommand) -> Result<()> {
             print!("{}", report::queue_table(std::slice::from_ref(&m.entry), mxlb::relay::unix_now()));
             println!();
             print!("{}", m.content);
+        }
+        _ => println!("{message}"),
+    }
+    Ok(())
+}
+
+async fn mailbox(config: Config, cmd: MailboxCommand) -> Result<()> {
+    use mxlb::mailbox::{
+        Owner, Whereabouts,
+        service::{MailboxAction, MailboxListing, listing},
+    };
+    let Some(m) = config.mailbox.as_ref() else { bail!("no [mailbox] in the config: there is no mailbox map") };
+    let socket = config.node.control_socket.clone();
+    let action = match &cmd {
+        MailboxCommand::Where { mailbox, .. } => MailboxAction::Where { mailbox: mailbox.clone() },
+        MailboxCommand::Move { mailbox, backend } => MailboxAction::Move { mailbox: mailbox.clone(), backend: backend.clone() },
+        MailboxCommand::List { .. } => MailboxAction::List,
+        MailboxCommand::Refresh => MailboxAction::Refresh,
+        MailboxCommand::Reload => MailboxAction::Reload,
+    };
+    let message = match control::request(&socket, &Request::Mailbox { action: action.clone() }).await? {
+        Some(a) if a.ok => a.message,
+        Some(a) => bail!("{}", a.message),
+        // No agent: the map from the config and the table alone.
+        None => {
+            let dir = m.directory(&config).context("mailbox table")?;
+            match action {
+                MailboxAction::Where { mailbox } => serde_json::to_string(&dir.whereabouts(&mailbox))?,
+                MailboxAction::Move { mailbox, backend } => serde_json::to_string(&dir.move_mailbox(&mailbox, &backend)?)?,
+                MailboxAction::List => serde_json::to_string(&listing(&dir))?,
+                _ => bail!("no agent answers on {}: `mxlb run` must be running", socket.display()),
+            }
+        }
+    };
+    match cmd {
+        MailboxCommand::Where { json, .. } => {
+            let w: Whereabouts = serde_json::from_str(&message).context("mailbox whereabouts")?;
+            if printed_json(&w, json)? {
+                return Ok(());
+            }
+            print!("{}", report::whereabouts(&w));
+        }
+        MailboxCommand::Move { .. } => {
+            let o: Owner = serde_json::from_str(&message).context("new owner")?;
+            println!("moved: now on {} ({}){}", o.backend, o.address, if o.healthy { "" } else { ", which is DOWN" });
+        }
+        MailboxCommand::List { json } => {
+            let l: MailboxListing = serde_json::from_str(&message).context("mailbox listing")?;
+            if printed_json(&l, json)? {
+                return Ok(());
+            }
+            print!("{}", report::mailbox_table(&l));
         }
         _ => println!("{message}"),
     }
@@ -748,6 +835,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
         max_disk_pct: a.max_disk,
         max_load_per_cpu: a.max_load,
         maxconn: a.maxconn,
+        mailboxes: a.mailboxes,
     };
     let stop = async {
         if let Err(e) = shutdown_signal().await {
@@ -803,22 +891,33 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // The relay (if configured): listeners on its VIP, mirror, delivery.
-    let relay_config = controller.lock().await.desired().config.clone();
-    let relay = match mxlb::relay::service::start(&relay_config, controller.clone(), stop_rx.clone()).await {
-        Ok(r) => r,
+    // The services on local VIPs (the mailbox map, the relay). If one cannot start, stop
+    // what started and take the programs off the interfaces again.
+    let services = controller.lock().await.desired().config.clone();
+    let started = async {
+        let mailboxes = mxlb::mailbox::service::start(&services, controller.clone(), stop_rx.clone())
+            .context("starting the mailbox map")?;
+        let directory = mailboxes.as_ref().map(|m| m.directory.clone());
+        let relay = mxlb::relay::service::start(&services, controller.clone(), directory, stop_rx.clone())
+            .await
+            .context("starting the relay")?;
+        anyhow::Ok((mailboxes, relay))
+    };
+    let (mailboxes, relay) = match started.await {
+        Ok(s) => s,
         Err(e) => {
             let _ = stop_tx.send(true);
             for iface in &attached {
                 let _ = balancer.detach(iface);
             }
-            return Err(e).context("starting the relay");
+            return Err(e);
         }
     };
     let server = tokio::spawn(control::serve(
         node.control_socket.clone(),
         controller.clone(),
         relay.clone(),
+        mailboxes.clone(),
         wait_stop(stop_rx.clone()),
     ));
     // Neighbours change (a back-end replaced, a MAC learned late): re-read every few seconds.
@@ -881,19 +980,28 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     let metrics_server = node.metrics_listen.map(|addr| {
         tokio::spawn(mxlb::metrics::serve(addr, metrics.clone(), controller.clone(), wait_stop(stop_rx.clone())))
     });
-    // SIGHUP re-reads the relay's mailbox list (as `mxlb queue reload` does).
-    let reloader = relay.clone().map(|r| {
-        let mut rx = stop_rx.clone();
+    // SIGHUP re-reads the relay's mailbox list (as `mxlb queue reload` does) and the mailbox
+    // table (as `mxlb mailbox reload`).
+    let reloader = (relay.is_some() || mailboxes.is_some()).then(|| {
+        let (relay, mailboxes, mut rx) = (relay.clone(), mailboxes.clone(), stop_rx.clone());
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
             let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
             loop {
                 tokio::select! {
                     _ = rx.changed() => break,
-                    _ = hup.recv() => match r.reload() {
-                        Ok(m) => info!(%m, "SIGHUP: mailbox list re-read"),
-                        Err(e) => warn!(error = %e, "SIGHUP: mailbox list not re-read; the old one stays in force"),
-                    },
+                    _ = hup.recv() => {
+                        match relay.as_ref().map(|r| r.reload()) {
+                            Some(Ok(m)) => info!(%m, "SIGHUP: mailbox list re-read"),
+                            Some(Err(e)) => warn!(error = %e, "SIGHUP: mailbox list not re-read; the old one stays in force"),
+                            None => {}
+                        }
+                        match mailboxes.as_ref().map(|m| m.directory.reload()) {
+                            Some(Ok(n)) => info!(entries = n, "SIGHUP: mailbox table re-read"),
+                            Some(Err(e)) => warn!(error = %e, "SIGHUP: mailbox table not re-read; the old one stays in force"),
+                            None => {}
+                        }
+                    }
                 }
             }
         })

@@ -212,3 +212,47 @@ pub fn queue_table(entries: &[crate::relay::service::QueueEntry], now: u64) -> S
     let _ = writeln!(out, "{} message(s)", entries.len());
     out
 }
+
+/// `mxlb mailbox where`: the owner and why, or that the mailbox exists nowhere.
+pub fn whereabouts(w: &crate::mailbox::Whereabouts) -> String {
+    let reported = match w.reported_by.as_slice() {
+        [] => String::new(),
+        r => format!("; reported by {}", r.join(", ")),
+    };
+    match &w.owner {
+        None => format!("{}: exists on no back-end (every back-end reported its list){reported}\n", w.mailbox),
+        Some(o) => format!(
+            "{}: {} ({}), {}{}{reported}\n",
+            w.mailbox,
+            o.backend,
+            o.address,
+            source_text(o.source),
+            if o.healthy { "" } else { ", DOWN" }
+        ),
+    }
+}
+
+fn source_text(s: crate::mailbox::Source) -> &'static str {
+    match s {
+        crate::mailbox::Source::Table => "from the table",
+        crate::mailbox::Source::Learned => "learned from the back-ends",
+        crate::mailbox::Source::Hashed => "by consistent hashing",
+    }
+}
+
+/// `mxlb mailbox list`: one line per mailbox, then each back-end's list state.
+pub fn mailbox_table(l: &crate::mailbox::service::MailboxListing) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<40} {:<16} SOURCE", "MAILBOX", "BACK-END");
+    for e in &l.mailboxes {
+        let _ = writeln!(out, "{:<40} {:<16} {}", e.mailbox, e.backend, source_text(e.source));
+    }
+    let _ = writeln!(out, "{} mailbox(es)\n", l.mailboxes.len());
+    let _ = writeln!(out, "{:<16} {:>9} {:<12} LAST ERROR", "BACK-END", "MAILBOXES", "FETCHED AT");
+    for b in &l.backends {
+        let at = b.fetched_at.map(|t| t.to_string()).unwrap_or_else(|| "never".into());
+        let _ = writeln!(out, "{:<16} {:>9} {:<12} {}", b.backend, b.mailboxes, at, b.last_error.as_deref().unwrap_or("-"));
+    }
+    out
+}

@@ -101,6 +101,19 @@ impl Dovecot {
         Ok(dc)
     }
 
+    /// Its config file (for `doveadm -c`).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("dovecot.conf")
+    }
+
+    /// Adds a user to its passwd-file (Dovecot re-reads the file when it changes).
+    pub fn add_user(&self, user: &str, password: &str) -> Result<()> {
+        use std::io::Write as _;
+        let line = format!("{user}:{{PLAIN}}{password}:65534:65534::{}::\n", self.dir.join("mail").join(user).display());
+        std::fs::OpenOptions::new().append(true).open(self.dir.join("users"))?.write_all(line.as_bytes())?;
+        Ok(())
+    }
+
     /// Its log file.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default()

@@ -105,6 +105,11 @@ pub struct RelayOpts {
     pub relay_extra: String,
     /// Lines added to `[relay.delivery]`.
     pub delivery_extra: String,
+    /// A `[mailbox]` section over every lab back-end with these extra lines (e.g.
+    /// `table = "..."`); `None`: no mailbox map (needed for `routing = "partitioned"`).
+    pub mailbox: Option<String>,
+    /// `agent_port` of the back-ends (where `mxlb agent` listens on them).
+    pub agent_port: Option<u16>,
     pub takeover_after_ms: u64,
     /// Hold the relay VIP with VRRP (LB 1 master); false: every node holds it (single node).
     pub vrrp: bool,
@@ -125,6 +130,8 @@ impl Default for RelayOpts {
             domains: vec![DOMAIN.into()],
             relay_extra: String::new(),
             delivery_extra: "retry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000".into(),
+            mailbox: None,
+            agent_port: None,
             takeover_after_ms: 1000,
             vrrp: true,
             mirrored: true,
@@ -161,6 +168,9 @@ pub fn relay_toml(lab: &Lab, k: usize, certs: &RelayCerts, spool: &Path, opts: &
         proto = opts.protocol,
         dextra = opts.delivery_extra,
     );
+    if let Some(extra) = &opts.mailbox {
+        s += &format!("[mailbox]\nbackends = [{backends}]\n{extra}\n\n");
+    }
     if opts.mirrored {
         let other = if k == 1 { 2 } else { 1 };
         let me = &certs.nodes[k - 1];
@@ -203,6 +213,7 @@ impl<'a> RelayPair<'a> {
                 k,
                 NodeOpts {
                     ports: vec![],
+                    agent_port: opts.agent_port,
                     metrics_listen: Some(metrics_addr(lab, k)),
                     extra: Some(relay_toml(lab, k, &certs, &spool, &opts)),
                     ..Default::default()

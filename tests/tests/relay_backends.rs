@@ -290,14 +290,12 @@ fn lmtp_to_dovecot_reads_back_identical_over_imap_and_unknown_users_bounce() -> 
         .collect::<Result<_>>()?;
     // u1 lives on b1, u2 on b2; the unknown user goes wherever the hash puts it.
     let scratch = Scratch::new(&lab, "lmtp")?;
-    let map = scratch.path("mailbox_map");
+    let map = scratch.path("mailbox_table");
     std::fs::write(&map, "u1@example.net b1\nu2@example.net b2\n")?;
     let opts = RelayOpts {
         protocol: "lmtp".into(),
-        delivery_extra: format!(
-            "routing = \"partitioned\"\nmailbox_map = \"{}\"\nretry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000",
-            map.display()
-        ),
+        delivery_extra: "routing = \"partitioned\"\nretry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000".into(),
+        mailbox: Some(format!("table = \"{}\"", map.display())),
         ..Default::default()
     };
     let pair = RelayPair::start(&lab, opts)?;
@@ -416,13 +414,11 @@ fn a_permanent_refusal_bounces_to_the_sender() -> Result<()> {
         lab.backend(2).ns(),
         &SinkOpts { hostname: Some("b2".into()), extra: vec!["-D".into(), dump2.display().to_string()], ..Default::default() },
     )?;
-    let map = scratch.path("mailbox_map");
+    let map = scratch.path("mailbox_table");
     std::fs::write(&map, "gone@example.net b1\nsender@example.net b2\n")?;
     let opts = RelayOpts {
-        delivery_extra: format!(
-            "routing = \"partitioned\"\nmailbox_map = \"{}\"\nretry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000",
-            map.display()
-        ),
+        delivery_extra: "routing = \"partitioned\"\nretry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000".into(),
+        mailbox: Some(format!("table = \"{}\"", map.display())),
         ..Default::default()
     };
     let pair = RelayPair::start(&lab, opts)?;
@@ -622,6 +618,7 @@ fn partitioned_routing_keeps_each_mailbox_on_its_owner_and_waits_for_it() -> Res
     let mut sinks = DumpSinks::start(&lab)?;
     let opts = RelayOpts {
         delivery_extra: "routing = \"partitioned\"\nretry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000".into(),
+        mailbox: Some(String::new()),
         ..Default::default()
     };
     let pair = RelayPair::start(&lab, opts)?;
@@ -696,5 +693,100 @@ fn partitioned_routing_keeps_each_mailbox_on_its_owner_and_waits_for_it() -> Res
     let on_owner = lab::relay::relayed_ids(&sinks.dump_text(down));
     ensure!(waiting.iter().all(|id| on_owner.contains_key(id)), "delivered, but not to the owner b{down}");
     wait_queue_empty(&pair, Duration::from_secs(10))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Mailboxes learned from the back-ends.
+
+/// `mxlb agent --mailboxes` on back-end `b`, listing its Dovecot's users with doveadm.
+fn mailbox_agent(b: &lab::Host, dovecot: &Dovecot) -> Result<lab::Daemon> {
+    let mut cmd = std::process::Command::new(lab::node::mxlb_bin()?);
+    let listing = format!("command:doveadm -c {} user '*'", dovecot.config_path().display());
+    cmd.args(["--netns", b.ns().name(), "agent", "--listen", &format!("{}:5555", b.v4())])
+        .args(["--queue-command", "echo 0", "--mailboxes", &listing]);
+    lab::Daemon::spawn("mxlb agent", cmd, None)
+}
+
+#[test]
+fn users_added_on_a_back_end_become_deliverable_and_unknown_users_get_550_at_rcpt() -> Result<()> {
+    if !lab::require_root("users_added_on_a_back_end_become_deliverable_and_unknown_users_get_550_at_rcpt") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let lab = relay_lab(2)?;
+    // Each back-end has its own users; the LB config names none of them.
+    let dovecots: Vec<Dovecot> = [("b1", ("alice@example.net", "pa")), ("b2", ("bob@example.net", "pb"))]
+        .iter()
+        .zip(lab.backends())
+        .map(|((name, user), b)| Dovecot::start(b.ns(), name, &[*user], b.v4().into()))
+        .collect::<Result<_>>()?;
+    let _agents: Vec<lab::Daemon> =
+        lab.backends().iter().zip(&dovecots).map(|(b, d)| mailbox_agent(b, d)).collect::<Result<_>>()?;
+    let refresh_s = 2;
+    let scratch = Scratch::new(&lab, "learned")?;
+    let table = scratch.path("mailbox_table");
+    let opts = RelayOpts {
+        protocol: "lmtp".into(),
+        delivery_extra: "routing = \"partitioned\"\nretry_first_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 5000".into(),
+        mailbox: Some(format!("refresh_interval_s = {refresh_s}\ntable = \"{}\"", table.display())),
+        agent_port: Some(5555),
+        mirrored: false,
+        ..Default::default()
+    };
+    let pair = RelayPair::start(&lab, opts)?;
+    let vip = pair.vip();
+    let rcpt = |address: &str| -> Result<SmtpReply> {
+        let address = address.to_string();
+        lab.client().ns().run(move || -> Result<SmtpReply> {
+            let (mut c, _) = RawSmtp::connect(vip)?;
+            c.cmd("EHLO client.example.com")?;
+            c.cmd("MAIL FROM:<sender@example.com>")?;
+            c.cmd(&format!("RCPT TO:<{address}>"))
+        })?
+    };
+    // Until both lists are in, the answer is "try later"; then known users pass, others 550.
+    wait_some("both back-ends' lists", Duration::from_secs(20), || Ok((rcpt("alice@example.net")?.code == 250).then_some(())))?;
+    for (user, code, enhanced) in
+        [("alice@example.net", 250, "2.1.5"), ("BOB@example.net", 250, "2.1.5"), ("nobody@example.net", 550, "5.1.1")]
+    {
+        let r = rcpt(user)?;
+        ensure!(r.code == code && r.text.contains(enhanced), "RCPT {user}: {r:?}");
+    }
+
+    // A user added on b2 only: deliverable within one refresh interval (plus the fetch).
+    ensure!(rcpt("carol@example.net")?.code == 550, "carol does not exist yet");
+    dovecots[1].add_user("carol@example.net", "pc")?;
+    let added = Instant::now();
+    wait_some("carol learned", Duration::from_secs(refresh_s + 5), || Ok((rcpt("carol@example.net")?.code == 250).then_some(())))?;
+    eprintln!("carol accepted {:?} after she was added (refresh interval {refresh_s} s)", added.elapsed());
+    let where_carol = pair.lb1.cli(&["mailbox", "where", "carol@example.net", "--json"])?;
+    let w: serde_json::Value = serde_json::from_str(&where_carol).context(where_carol.clone())?;
+    ensure!(w["owner"]["backend"] == "b2" && w["owner"]["source"] == "learned", "{where_carol}");
+
+    // Mail for her goes to b2, the back-end that has her, and reads back there.
+    let ids = send_all(
+        &lab,
+        vip,
+        vec![("sender@example.com".into(), vec!["carol@example.net".into()], b"Subject: welcome\r\n\r\nhello carol".to_vec())],
+    )?;
+    ensure!(ids.len() == 1);
+    let got = wait_imap(&lab, 2, "carol@example.net", "pc", 1, Duration::from_secs(20))?;
+    ensure!(find(&got[0], b"hello carol"), "{}", String::from_utf8_lossy(&got[0]));
+
+    // The listing shows every learned mailbox and both back-ends' lists.
+    let list = pair.lb1.cli(&["mailbox", "list", "--json"])?;
+    let l: serde_json::Value = serde_json::from_str(&list).context(list.clone())?;
+    let names: Vec<&str> = l["mailboxes"].as_array().into_iter().flatten().filter_map(|m| m["mailbox"].as_str()).collect();
+    ensure!(names == ["alice@example.net", "bob@example.net", "carol@example.net"], "{list}");
+    ensure!(l["backends"].as_array().is_some_and(|b| b.iter().all(|b| b["last_error"].is_null())), "{list}");
+
+    // The operator moves her: the table wins over what the back-ends report.
+    let moved = pair.lb1.cli(&["mailbox", "move", "Carol@example.net", "b1"])?;
+    ensure!(moved.contains("now on b1"), "{moved}");
+    let w: serde_json::Value = serde_json::from_str(&pair.lb1.cli(&["mailbox", "where", "carol@example.net", "--json"])?)?;
+    ensure!(w["owner"]["backend"] == "b1" && w["owner"]["source"] == "table", "{w}");
+    let refused = pair.lb1.cli(&["mailbox", "move", "carol@example.net", "b9"]);
+    ensure!(refused.as_ref().is_err_and(|e| e.to_string().contains("no mailbox back-end is named `b9`")), "{refused:?}");
     Ok(())
 }

@@ -81,12 +81,10 @@ pub struct DeliveryConfig {
     /// Port on the back-ends (default 25 for smtp, 24 for lmtp).
     #[serde(default)]
     pub port: Option<u16>,
-    /// `shared`: any healthy back-end by weight; `partitioned`: each mailbox has one owner.
+    /// `shared`: any healthy back-end by weight; `partitioned`: each mailbox has one owner,
+    /// found in the mailbox map (`[mailbox]`).
     #[serde(default)]
     pub routing: Routing,
-    /// `partitioned`: `user@domain backend` lines overriding the consistent-hash owner.
-    #[serde(default)]
-    pub mailbox_map: Option<PathBuf>,
     /// Pass the client's address on with XCLIENT to back-ends that offer it.
     #[serde(default = "yes")]
     pub xclient: bool,
@@ -295,9 +293,6 @@ pub(super) fn validate(config: &Config, p: &mut impl FnMut(KeyPath, String)) {
     }
     if d.port == Some(0) {
         p(dat.key("port"), "port 0 is not a valid port".into());
-    }
-    if d.mailbox_map.is_some() && d.routing != Routing::Partitioned {
-        p(dat.key("mailbox_map"), "only used with routing = \"partitioned\"".into());
     }
     for (key, v) in [("connections_per_backend", d.connections_per_backend), ("per_domain_concurrency", d.per_domain_concurrency)] {
         if !(1..=1000).contains(&v) {

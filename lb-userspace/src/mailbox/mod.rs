@@ -14,6 +14,7 @@
 //!
 //! Mailbox names are compared case-insensitively (lower-cased, as Dovecot's `%Lu`).
 pub mod learn;
+pub mod service;
 pub mod table;
 
 use std::{
@@ -149,6 +150,16 @@ pub struct Directory {
     /// How often the lists are fetched, and how long one fetch may take.
     pub refresh_interval: Duration,
     pub fetch_timeout: Duration,
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory")
+            .field("backends", &self.backends)
+            .field("table_path", &self.table_path)
+            .field("table_entries", &read(&self.table).len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Lower-cased, trimmed: the key every lookup uses.

@@ -14,6 +14,15 @@
 //!   must be listed, else `550 5.1.1` at RCPT time rather than a bounce later (which would go
 //!   to a likely forged sender: backscatter). See [`parse_mailboxes`] for the format.
 //!
+//! - **The back-ends' own lists** (the mailbox map, [`crate::mailbox`], when back-ends run
+//!   `mxlb agent --mailboxes`): a recipient in a relay domain must exist on some back-end (or
+//!   be pinned in the mailbox table, or be listed or caught by the mailbox file), else
+//!   `550 5.1.1`. This is the dictionary-attack protection that needs no list on the LB
+//!   nodes. Until every reporting back-end's list has been fetched once the answer is
+//!   `450 4.3.0` (as Postfix answers when a lookup table is unavailable): refusing a real
+//!   user permanently would bounce mail, accepting everyone would let a dictionary attack
+//!   through.
+//!
 //! # Decisions worth knowing
 //! - A domain with **no line at all** in the mailbox file accepts every local part: the file
 //!   lists the domains whose mailboxes we know, and a domain added to the relay domains before
@@ -86,7 +95,12 @@ impl Mailboxes {
 
     /// Whether `local@domain` (already lowercased) may receive mail, per the list alone.
     fn allows(&self, local: &str, domain: &str) -> bool {
-        !self.domains.contains(domain) || self.catch_all.contains(domain) || self.addresses.contains(&format!("{local}@{domain}"))
+        !self.domains.contains(domain) || self.lists(local, domain)
+    }
+
+    /// Whether the list names `local@domain` or catches its whole domain.
+    fn lists(&self, local: &str, domain: &str) -> bool {
+        self.catch_all.contains(domain) || self.addresses.contains(&format!("{local}@{domain}"))
     }
 }
 
@@ -143,6 +157,8 @@ pub struct RecipientPolicy {
     /// Swapped whole by [`RecipientPolicy::reload`], so a check sees the old list or the new
     /// one, never a mix; readers hold the lock only to clone the `Arc`.
     mailboxes: RwLock<Arc<Mailboxes>>,
+    /// The back-ends' reported mailboxes (set when they report; see the module doc).
+    directory: Option<Arc<crate::mailbox::Directory>>,
 }
 
 impl RecipientPolicy {
@@ -171,9 +187,23 @@ impl RecipientPolicy {
             Some(path) => read_mailboxes(path)?,
             None => Mailboxes::default(),
         };
-        let policy = RecipientPolicy { exact, parents, trusted, mailbox_file, mailboxes: RwLock::new(Arc::new(Mailboxes::default())) };
+        let policy = RecipientPolicy {
+            exact,
+            parents,
+            trusted,
+            mailbox_file,
+            mailboxes: RwLock::new(Arc::new(Mailboxes::default())),
+            directory: None,
+        };
         policy.install(list);
         Ok(policy)
+    }
+
+    /// Also checks recipients against the mailboxes the back-ends report (only when at least
+    /// one of the map's back-ends reports).
+    pub fn with_directory(mut self, directory: Arc<crate::mailbox::Directory>) -> RecipientPolicy {
+        self.directory = directory.learning().then_some(directory);
+        self
     }
 
     /// Whether `domain` is one we accept mail for from anyone.
@@ -212,7 +242,20 @@ impl RecipientPolicy {
         if !may_relay && local.contains(['%', '!', '@']) {
             return RcptVerdict::RelayDenied;
         }
-        if self.snapshot().allows(&local, &domain) { RcptVerdict::Accept } else { RcptVerdict::UnknownUser }
+        let list = self.snapshot();
+        let Some(directory) = &self.directory else {
+            return if list.allows(&local, &domain) { RcptVerdict::Accept } else { RcptVerdict::UnknownUser };
+        };
+        if list.lists(&local, &domain) {
+            return RcptVerdict::Accept;
+        }
+        // Back-ends report `user@domain`, or bare user names for a single-domain server.
+        use crate::mailbox::Existence;
+        match (directory.exists(&format!("{local}@{domain}")), directory.exists(&local)) {
+            (Existence::Exists, _) | (_, Existence::Exists) => RcptVerdict::Accept,
+            (Existence::Nowhere, _) => RcptVerdict::UnknownUser,
+            (Existence::Unknown(why), _) => RcptVerdict::TempFail(format!("Recipient address lookup failed: {why}")),
+        }
     }
 
     /// Re-reads the mailbox list and returns its size. On error the old list stays in force
@@ -433,5 +476,46 @@ mod tests {
         let missing = Path::new("/nonexistent/mxlb-mailboxes");
         let err = RecipientPolicy::new(vec!["example.net".into()], vec![], Some(missing.into())).unwrap_err();
         assert!(err.to_string().starts_with("/nonexistent/mxlb-mailboxes: "), "{err}");
+    }
+
+    #[test]
+    fn reported_mailboxes_decide_once_every_back_end_has_reported() {
+        use crate::mailbox::{Directory, MailboxBackend};
+        let backend = |name: &str, i: u8| MailboxBackend {
+            name: name.into(),
+            address: IpAddr::from([198, 18, 0, i]),
+            weight: 1,
+            agent: Some(std::net::SocketAddr::from(([198, 18, 0, i], 5555))),
+        };
+        let dir = Arc::new(Directory::new(vec![backend("a", 1), backend("b", 2)], None).unwrap());
+        let t = TestDir::new("learned");
+        let file = t.file("listed@example.net\n@catchall.example.net\n");
+        let policy = RecipientPolicy::new(
+            vec!["example.net".into(), "catchall.example.net".into(), "bare.example.net".into()],
+            vec![],
+            Some(file),
+        )
+        .unwrap()
+        .with_directory(dir.clone());
+        let check = |rcpt: &str| policy.check(rcpt, ip(STRANGER), false);
+        assert!(matches!(check("alice@example.net"), RcptVerdict::TempFail(w) if w.contains("not fetched")), "no lists yet: try later");
+        assert_eq!(check("listed@example.net"), RcptVerdict::Accept, "the file still counts");
+        assert_eq!(check("x@catchall.example.net"), RcptVerdict::Accept);
+        dir.set_reported("a", ["Alice@Example.net".to_string()]);
+        assert!(matches!(check("alice@example.net"), RcptVerdict::Accept), "exists on a, b not fetched");
+        assert!(matches!(check("nobody@example.net"), RcptVerdict::TempFail(_)));
+        dir.set_reported("b", ["bob".to_string()]);
+        assert_eq!(check("ALICE@example.net"), RcptVerdict::Accept);
+        assert_eq!(check("bob@bare.example.net"), RcptVerdict::Accept, "a bare user name matches in any relay domain");
+        assert_eq!(check("nobody@example.net"), RcptVerdict::UnknownUser);
+        assert_eq!(check("postmaster@example.net"), RcptVerdict::Accept);
+        assert_eq!(check("x@elsewhere.org"), RcptVerdict::RelayDenied, "not a relay domain: unchanged");
+        // A user added on a back-end is accepted after the next fetch.
+        dir.set_reported("b", ["bob".to_string(), "carol@example.net".to_string()]);
+        assert_eq!(check("carol@example.net"), RcptVerdict::Accept);
+        // Back-ends without agents report nothing: the map does not decide.
+        let quiet = Arc::new(Directory::new(vec![MailboxBackend { agent: None, ..backend("a", 1) }], None).unwrap());
+        let p2 = RecipientPolicy::new(vec!["example.net".into()], vec![], None).unwrap().with_directory(quiet);
+        assert_eq!(p2.check("anyone@example.net", ip(STRANGER), false), RcptVerdict::Accept);
     }
 }

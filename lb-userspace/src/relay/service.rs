@@ -473,7 +473,11 @@ impl Relay {
     }
 }
 
-fn delivery_settings(r: &RelayConfig, config: &Config) -> Result<(delivery::Settings, Vec<Backend>), RelayError> {
+fn delivery_settings(
+    r: &RelayConfig,
+    config: &Config,
+    directory: Option<Arc<crate::mailbox::Directory>>,
+) -> Result<(delivery::Settings, Vec<Backend>), RelayError> {
     let d = &r.delivery;
     let backends: Vec<Backend> = d
         .backends
@@ -489,14 +493,10 @@ fn delivery_settings(r: &RelayConfig, config: &Config) -> Result<(delivery::Sett
     s.xclient = d.xclient;
     s.routing = match d.routing {
         Routing::Shared => delivery::Routing::Shared,
-        Routing::Partitioned => {
-            let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
-            let mapping = match &d.mailbox_map {
-                Some(path) => Some(delivery::Mapping::load(path, &names).map_err(|e| RelayError::Setup(e.to_string()))?),
-                None => None,
-            };
-            delivery::Routing::Partitioned { mapping }
-        }
+        Routing::Partitioned => delivery::Routing::Partitioned {
+            directory: directory
+                .ok_or_else(|| RelayError::Setup("partitioned routing needs the mailbox map ([mailbox])".into()))?,
+        },
     };
     let step = Duration::from_millis(d.timeout_ms);
     let t = &mut s.timeouts;
@@ -533,10 +533,13 @@ fn session_settings(r: &RelayConfig, tls: Option<Arc<rustls::ServerConfig>>) -> 
 
 /// Starts the relay of `config` (if any) inside `mxlb run`: listeners on the relay VIP's ports
 /// (bound freely: the VIP arrives with VRRP), the mirror, and delivery once the first exchange
-/// with the mirror told us what the peer took over while we were away.
+/// with the mirror told us what the peer took over while we were away. `directory` is the
+/// mailbox map (`[mailbox]`): partitioned delivery routes by it, and the RCPT check refuses
+/// mailboxes that exist on no back-end once the back-ends report their lists.
 pub async fn start(
     config: &Config,
     controller: Arc<Mutex<Controller>>,
+    directory: Option<Arc<crate::mailbox::Directory>>,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<Arc<Relay>>, RelayError> {
     let Some(r) = configured(config) else { return Ok(None) };
@@ -547,9 +550,12 @@ pub async fn start(
         .iter()
         .map(|c| c.parse::<crate::edge::Cidr>().map_err(|e| RelayError::Setup(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
-    let policy = Arc::new(
-        RecipientPolicy::new(r.domains.clone(), trusted, r.mailboxes.clone()).map_err(|e| RelayError::Setup(e.to_string()))?,
-    );
+    let mut policy =
+        RecipientPolicy::new(r.domains.clone(), trusted, r.mailboxes.clone()).map_err(|e| RelayError::Setup(e.to_string()))?;
+    if let Some(d) = &directory {
+        policy = policy.with_directory(d.clone());
+    }
+    let policy = Arc::new(policy);
     let tls = starttls_config(r)?;
     let credentials = match &r.auth_users {
         Some(path) => Some(Arc::new(Credentials::load(path).map_err(|e| RelayError::Setup(e.to_string()))?)),
@@ -579,7 +585,7 @@ pub async fn start(
 
     let (submit_tx, mut submit_rx) = mpsc::unbounded_channel::<MessageId>();
     let (forget_tx, mut forget_rx) = mpsc::unbounded_channel::<MessageId>();
-    let (dsettings, backends) = delivery_settings(r, config)?;
+    let (dsettings, backends) = delivery_settings(r, config, directory)?;
     let probed = Arc::new(ProbedBackends { backends, healthy: RwLock::new(HashMap::new()) });
     let counters = Arc::new(RelayCounters::default());
     let relay = Arc::new(Relay {

@@ -33,7 +33,7 @@ mod scheduler;
 
 pub use client::{Protocol, Timeouts};
 pub use policy::RetryPolicy;
-pub use route::{Backend, BackendState, Mapping, MappingError, Routing};
+pub use route::{Backend, BackendState, Routing};
 
 /// A queue store failure, as the implementation describes it.
 #[derive(Debug, thiserror::Error)]
