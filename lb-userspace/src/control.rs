@@ -411,6 +411,25 @@ pub enum Request {
     Ping,
 }
 
+/// Calls `apply` with the controller every 200 ms until `stop` changes: how the services on
+/// local VIPs (the relay, the mailbox map) follow the prober's verdicts and VRRP's VIP state.
+/// `apply` runs under the controller's lock: copy what is needed, do nothing slow.
+pub fn follow(
+    controller: std::sync::Arc<Mutex<Controller>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut apply: impl FnMut(&Controller) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tick.tick() => apply(&*controller.lock().await),
+            }
+        }
+    })
+}
+
 /// The answer (one JSON object per line).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {

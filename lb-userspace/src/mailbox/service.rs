@@ -34,7 +34,7 @@ pub struct MailboxService {
 }
 
 /// Builds the map of `config` (if it has `[mailbox]`) and starts its tasks: the list refresher
-/// and the copy of the prober's verdicts (every 200 ms, as the relay does).
+/// and the copy of the prober's verdicts ([`crate::control::follow`]).
 pub fn start(
     config: &Config,
     controller: Arc<Mutex<Controller>>,
@@ -44,29 +44,12 @@ pub fn start(
     let directory = Arc::new(m.directory(config)?);
     let refresher = learn::Refresher::default();
     tokio::spawn(learn::run(directory.clone(), refresher.clone(), stop.clone()));
-    {
-        let (directory, mut stop) = (directory.clone(), stop);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    _ = tick.tick() => {
-                        let c = controller.lock().await;
-                        let verdicts: Vec<(String, bool)> = directory
-                            .backends()
-                            .iter()
-                            .map(|b| (b.name.clone(), c.probed_health(&b.name) == Health::Up))
-                            .collect();
-                        drop(c);
-                        for (name, up) in verdicts {
-                            directory.set_health(&name, up);
-                        }
-                    }
-                }
-            }
-        });
-    }
+    let followed = directory.clone();
+    crate::control::follow(controller, stop, move |c| {
+        for b in followed.backends() {
+            followed.set_health(&b.name, c.probed_health(&b.name) == Health::Up);
+        }
+    });
     Ok(Some(Arc::new(MailboxService { directory, refresher })))
 }
 

@@ -602,26 +602,14 @@ pub async fn start(
     // The prober's verdicts, for routing around down back-ends; and whether this node serves
     // the relay VIP (the mirror takes over only then).
     {
-        let (probed, controller, mut stop) = (probed.clone(), controller.clone(), stop.clone());
-        let vip_name = r.vip.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    _ = tick.tick() => {
-                        let c = controller.lock().await;
-                        let verdicts: HashMap<String, bool> =
-                            probed.backends.iter().map(|b| (b.name.clone(), c.probed_health(&b.name) == Health::Up)).collect();
-                        let active = c.vip_active(&vip_name);
-                        drop(c);
-                        if let Some(s) = &serving {
-                            s.store(active, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        *probed.healthy.write().unwrap_or_else(|p| p.into_inner()) = verdicts;
-                    }
-                }
+        let (probed, vip_name) = (probed.clone(), r.vip.clone());
+        tasks.push(crate::control::follow(controller.clone(), stop.clone(), move |c| {
+            let verdicts: HashMap<String, bool> =
+                probed.backends.iter().map(|b| (b.name.clone(), c.probed_health(&b.name) == Health::Up)).collect();
+            if let Some(s) = &serving {
+                s.store(c.vip_active(&vip_name), std::sync::atomic::Ordering::Relaxed);
             }
+            *probed.healthy.write().unwrap_or_else(|p| p.into_inner()) = verdicts;
         }));
     }
     // Delivery starts after the first mirror exchange (or `takeover_after` without one), so
