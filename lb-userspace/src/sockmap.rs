@@ -21,7 +21,10 @@
 //! directions closed, a reset, or the idle limit); the sockets are closed and the map entries
 //! removed on every path (also when the future is dropped).
 //!
-//! # What was verified on kernel 6.18 (tests in `tests/tests/sockmap_splice.rs`)
+//! # Kernel behaviour (6.18; tests in `tests/tests/sockmap_splice.rs`)
+//!
+//! The first point is read from the kernel source (`sk_psock_verdict_data_ready`,
+//! `tcp_read_skb`, `tcp_set_rcvlowat`), not yet reproduced by a test; the others are tested.
 //!
 //! - **Data queued before insertion is not relayed by itself.** The verdict runs when TCP
 //!   signals new data (`sk_data_ready`); bytes already in the receive queue when the socket is

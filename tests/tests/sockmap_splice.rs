@@ -19,6 +19,9 @@ use tokio::{
 /// Upper bound for any one test: a hang fails the test instead of blocking the suite.
 const HANG: Duration = Duration::from_secs(60);
 
+/// Held by each test while it loads the splicer.
+static LOADS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `f` on a thread in a fresh network namespace (lo up) with a current-thread runtime.
 fn isolated<F, Fut>(name: &str, f: F)
 where
@@ -34,7 +37,16 @@ where
         let st = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("run ip");
         assert!(st.success(), "ip link set lo up");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        // Loads are serialised so the check below sees only this one's pins.
+        let serial = LOADS.lock().unwrap_or_else(|p| p.into_inner());
         let splicer = Arc::new(Splicer::load().expect("load the splice program"));
+        // The temporary pin directory of the load is gone: nothing of it is left on bpffs.
+        let left: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        let mine = format!("mxlb-splice-{}-", std::process::id());
+        assert!(!left.iter().any(|n| n.starts_with(&mine)), "pins left behind: {left:?}");
+        drop(serial);
         rt.block_on(async move {
             tokio::time::timeout(HANG, f(splicer)).await.expect("test hung");
         });
@@ -268,5 +280,24 @@ fn unread_bytes_are_refused_and_handed_back() {
         pc.read_exact(&mut buf).await.expect("the bytes are still there");
         assert_eq!(&buf, b"a2 NOOP\r\n");
         assert_eq!(splicer.spliced_sockets(), 0, "nothing was inserted");
+    });
+}
+
+#[test]
+fn an_idle_session_ends_at_the_idle_limit() {
+    isolated("an_idle_session_ends_at_the_idle_limit", |splicer| async move {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let sl = TcpListener::bind("127.0.0.1:0").await.expect("bind server");
+        let mut c = TcpStream::connect(l.local_addr().expect("addr")).await.expect("connect");
+        let (pc, _) = l.accept().await.expect("accept");
+        let pb = TcpStream::connect(sl.local_addr().expect("addr")).await.expect("connect server");
+        let (mut s, _) = sl.accept().await.expect("server accept");
+        let options = SpliceOptions { idle_timeout: Some(Duration::from_millis(300)), ..SpliceOptions::default() };
+        let outcome = splicer.splice(pc, pb, options).await.expect("splice");
+        assert_eq!(outcome.end, SessionEnd::Idle);
+        assert_eq!(splicer.spliced_sockets(), 0);
+        // Both ends see the connection end.
+        assert!(read_all(&mut c).await.is_empty());
+        assert!(read_all(&mut s).await.is_empty());
     });
 }
