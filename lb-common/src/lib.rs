@@ -96,6 +96,36 @@ pub const PROG_DECAP: &str = "mxlb_decap";
 /// a veth that uses XDP_TX (veth drops XDP_TX frames unless its peer runs native XDP).
 pub const PROG_PASS: &str = "mxlb_pass";
 
+/// The sk_skb stream-verdict program of the POP3/IMAP proxy's kernel relay (`mxlb::sockmap`):
+/// redirects each segment received on a spliced socket to its peer's send side.
+pub const PROG_SPLICE: &str = "mxlb_splice";
+/// Sock hash `u64` socket cookie → socket: the sockets of spliced sessions, both sides. The
+/// [`PROG_SPLICE`] verdict program is attached to it, so inserting a socket is what turns the
+/// kernel relay on for it. Not pinned: each proxy process owns its own.
+pub const MAP_SPLICE_SOCKS: &str = "MXLB_SPLICE_SOCKS";
+/// Hash `u64` socket cookie → [`SplicePeer`]: where a spliced socket's bytes go, and how many
+/// went. A socket in [`MAP_SPLICE_SOCKS`] without an entry here is passed to userspace
+/// (SK_PASS). Not pinned, like [`MAP_SPLICE_SOCKS`].
+pub const MAP_SPLICE_PEERS: &str = "MXLB_SPLICE_PEERS";
+/// Entries in [`MAP_SPLICE_SOCKS`] and [`MAP_SPLICE_PEERS`]: two per spliced session, so this
+/// many sockets is 32768 concurrent sessions per proxy process. Both maps are allocated when
+/// the proxy loads them (a few MiB).
+pub const MAX_SPLICE_SOCKETS: u32 = 65_536;
+
+/// Value of [`MAP_SPLICE_PEERS`], keyed by the receiving socket's cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplicePeer {
+    /// Cookie of the socket the received bytes are sent out of (its [`MAP_SPLICE_SOCKS`] key).
+    pub peer: u64,
+    /// Bytes the verdict program redirected from this socket to the peer (added by the
+    /// program under the socket's lock): the proxy's proof that the kernel, not userspace, relayed them, and what it
+    /// waits for the peer to have queued before it forwards an end of stream.
+    pub bytes: u64,
+    /// Segments (skbs) redirected, for the same accounting.
+    pub segments: u64,
+}
+
 /// Forwarding mode of a VIP ([`VipMeta::mode`]).
 pub mod mode {
     /// Rewrite MACs (destination = back-end, source = LB) and XDP_TX. Back-ends hold the VIP on
@@ -453,6 +483,7 @@ mod user {
     unsafe impl aya::Pod for PrefixKey {}
     unsafe impl aya::Pod for EdgeLimits {}
     unsafe impl aya::Pod for SynBucket {}
+    unsafe impl aya::Pod for SplicePeer {}
 
     /// Map encoding of an address (IPv4-mapped for IPv4).
     pub fn addr_to_key(ip: IpAddr) -> [u8; 16] {

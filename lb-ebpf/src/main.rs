@@ -1,6 +1,6 @@
 //! mxlb XDP data plane.
 //!
-//! Three programs share one object and one set of maps (all pinned by name, see [`maps`]):
+//! Three XDP programs share one object and one set of maps (all pinned by name, see [`maps`]):
 //!
 //! - `mxlb_balancer` ([`balancer`]): the load balancer. Parses Ethernet (+ one 802.1Q tag),
 //!   IPv4/IPv6 and TCP, lets transit traffic go after one bit test (`MXLB_VIP_FILTER`), picks a
@@ -9,6 +9,10 @@
 //!   IP header (`dsr-ipip`, [`encap`]).
 //! - `mxlb_decap` ([`decap`]): runs on back-ends and strips the outer header again.
 //! - `mxlb_pass`: a trivial XDP_PASS (benchmark baseline, veth-peer helper).
+//! - `mxlb_splice` ([`splice`]): not XDP: the sk_skb stream verdict of the POP3/IMAP proxy's
+//!   kernel relay, with its own two unpinned maps (`MXLB_SPLICE_*`). It lives in this object so
+//!   there is one build and one embedded object; loading it creates the XDP maps too, which
+//!   `mxlb::sockmap` keeps away from the agent's pins (see there).
 //!
 //! Every decision increments one [`lb_common::Reason`] slot, so `mxlb stats` can explain any
 //! packet. All parsing goes through the single bounds-checked [`parse::ptr_at`]; there are no
@@ -99,8 +103,13 @@ mod edge;
 mod encap;
 mod maps;
 mod parse;
+mod splice;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{stream_verdict, xdp},
+    programs::{SkBuffContext, XdpContext},
+};
 
 /// Trivial XDP_PASS: benchmark baseline and the veth-peer helper.
 #[xdp]
@@ -118,6 +127,13 @@ pub fn mxlb_balancer(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn mxlb_decap(ctx: XdpContext) -> u32 {
     decap::run(&ctx)
+}
+
+/// The POP3/IMAP proxy's kernel relay (sk_skb stream verdict on `MXLB_SPLICE_SOCKS`): each
+/// segment received on a spliced socket is sent out of its peer. See [`splice`].
+#[stream_verdict]
+pub fn mxlb_splice(ctx: SkBuffContext) -> u32 {
+    splice::verdict(&ctx)
 }
 
 #[cfg(not(test))]

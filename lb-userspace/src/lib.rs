@@ -28,6 +28,8 @@
 //!   VIP hand-over (addresses, GARP/NA, standby in the data path), tracking, sync groups.
 //! - [`statefile`]: crash-safe JSON files and the lock in the state directory.
 //! - [`tls`]: PEM loading for every TLS user (probes, STARTTLS, the mirror channel).
+//! - [`sockmap`]: kernel byte relaying for logged-in plaintext POP3/IMAP sessions (sock hash +
+//!   sk_skb verdict): [`sockmap::Splicer::splice`].
 //! - [`shed`]: the tempfail responder (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) for full VIPs.
 //! - [`relay`]: the store-and-forward SMTP relay with a mirrored queue (see its layout).
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
@@ -52,10 +54,11 @@ pub mod prober;
 pub mod relay;
 pub mod report;
 pub mod shed;
+pub mod sockmap;
 pub mod statefile;
 pub mod tls;
 pub mod vrrp;
 pub mod vippath;
 
-/// The compiled eBPF object (all XDP programs and maps), embedded at build time by build.rs.
+/// The compiled eBPF object (the XDP programs, the splice verdict program, and their maps), embedded at build time by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
