@@ -30,6 +30,8 @@
 //! - [`tls`]: PEM loading for every TLS user (probes, STARTTLS, the mirror channel).
 //! - [`shed`]: the tempfail responder (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) for full VIPs.
 //! - [`relay`]: the store-and-forward SMTP relay with a mirrored queue (see its layout).
+//! - [`proxy`]: the POP3/IMAP proxy with mailbox affinity: the pre-login dialogues, the login
+//!   replayed to the mailbox's owner, then relaying (see its layout).
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
 //!
 //! The XDP program itself is in the `lb-ebpf` crate; the types both sides share are in
@@ -49,6 +51,7 @@ pub mod health;
 pub mod neighbours;
 pub mod policy;
 pub mod prober;
+pub mod proxy;
 pub mod relay;
 pub mod report;
 pub mod shed;
