@@ -15,6 +15,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod proxy;
 pub mod relay;
 
 /// The configuration used when none is given: the lab topology that `cargo xtask run` builds
@@ -50,6 +51,9 @@ pub struct Config {
     /// The store-and-forward SMTP relay with a mirrored queue (on a `local` VIP).
     #[serde(default)]
     pub relay: Option<relay::RelayConfig>,
+    /// The POP3/IMAP proxy with mailbox affinity (on a `local` VIP, possibly the relay's).
+    #[serde(default)]
+    pub proxy: Option<proxy::ProxyConfig>,
 }
 
 /// One VRRPv3 virtual router (RFC 5798/9568): the node with the highest priority holds the
@@ -758,6 +762,7 @@ impl Config {
         }
         self.validate_vrrp(&mut p);
         relay::validate(self, &mut p);
+        proxy::validate(self, &mut p);
         out
     }
 

@@ -257,7 +257,7 @@ impl Controller {
             Some(m) => m.reason_counters()?.into_iter().map(|(r, c)| (r.name().to_string(), c.packets)).collect(),
             None => Vec::new(),
         };
-        Ok(crate::metrics::Status { backends, vips, decisions, vrrp: self.vrrp.read(), relay: None })
+        Ok(crate::metrics::Status { backends, vips, decisions, vrrp: self.vrrp.read(), relay: None, proxy: None })
     }
 
     /// VRRP: this node became master of `vips` (`active`) or stopped being it. Published at
@@ -420,6 +420,7 @@ pub async fn serve(
     path: PathBuf,
     controller: std::sync::Arc<Mutex<Controller>>,
     relay: Option<std::sync::Arc<crate::relay::service::Relay>>,
+    proxy: Option<std::sync::Arc<crate::proxy::Proxy>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ControlError> {
     if let Some(dir) = path.parent() {
@@ -436,9 +437,9 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let (controller, relay) = (controller.clone(), relay.clone());
+                let (controller, relay, proxy) = (controller.clone(), relay.clone(), proxy.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, controller, relay).await {
+                    if let Err(e) = handle(stream, controller, relay, proxy).await {
                         warn!(error = %e, "control connection");
                     }
                 });
@@ -456,6 +457,7 @@ async fn handle(
     stream: UnixStream,
     controller: std::sync::Arc<Mutex<Controller>>,
     relay: Option<std::sync::Arc<crate::relay::service::Relay>>,
+    proxy: Option<std::sync::Arc<crate::proxy::Proxy>>,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 * 16));
@@ -480,6 +482,7 @@ async fn handle(
                             let r = r.clone();
                             st.relay = tokio::task::spawn_blocking(move || r.snapshot()).await.ok();
                         }
+                        st.proxy = proxy.as_ref().map(|p| p.snapshot());
                         Response { ok: true, message: serde_json::to_string(&st).unwrap_or_default() }
                     }
                     Err(e) => Response { ok: false, message: e.to_string() },

@@ -618,6 +618,14 @@ async fn status(config: Config, json: bool) -> Result<()> {
         println!("relay: {} accepted, {} refused (no copy); queue {}, peer copies {}", r.accepted, r.refused_unstored, r.queued, r.replicas);
         println!("mirror: {mirror}");
     }
+    if let Some(p) = &st.proxy {
+        println!();
+        println!(
+            "proxy: {} sessions ({} open, {} refused); logins {} ok, {} failed, {} slowed, {} blocked, {} owner down; relayed {} copy, {} sockmap; {} ended by move",
+            p.sessions, p.active, p.sessions_refused, p.logins_ok, p.logins_failed, p.logins_slowed, p.logins_blocked,
+            p.logins_unavailable, p.relayed_copy, p.relayed_sockmap, p.ended_by_move
+        );
+    }
     Ok(())
 }
 
@@ -815,10 +823,26 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
             return Err(e).context("starting the relay");
         }
     };
+    // The POP3/IMAP proxy (if configured), on the ports of its VIP the relay leaves to it.
+    // TEMPORARY: its mailbox map comes from `[proxy] backends`/`mailbox_table` until
+    // `[mailbox]` exists.
+    let proxy = match mxlb::proxy::placeholder_directory(&relay_config)
+        .and_then(|d| d.map_or(Ok(None), |d| mxlb::proxy::start(&relay_config, d, stop_rx.clone())))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            for iface in &attached {
+                let _ = balancer.detach(iface);
+            }
+            return Err(e).context("starting the POP3/IMAP proxy");
+        }
+    };
     let server = tokio::spawn(control::serve(
         node.control_socket.clone(),
         controller.clone(),
         relay.clone(),
+        proxy.clone(),
         wait_stop(stop_rx.clone()),
     ));
     // Neighbours change (a back-end replaced, a MAC learned late): re-read every few seconds.
@@ -875,6 +899,9 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
         if let Some(r) = &relay {
             m.register_relay(r.clone());
         }
+        if let Some(p) = &proxy {
+            m.register_proxy(p.clone());
+        }
         Arc::new(m)
     };
     let prober = tokio::spawn(mxlb::prober::run(controller.clone(), health_settings, metrics.clone(), stop_rx.clone()));
@@ -910,6 +937,9 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     if let Some(r) = &relay {
         // Sessions finish their transaction, delivery its attempts in progress.
         r.stopped().await;
+    }
+    if let Some(p) = &proxy {
+        p.stopped().await;
     }
     if let Some(t) = reloader {
         let _ = t.await;
