@@ -345,7 +345,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let s = AgentSettings { listen: addr, spool: dir.clone(), max_load_per_cpu: 1e9, ..settings() };
+        // The build machine's own disk and load must not decide the verdict under test.
+        let s = AgentSettings { listen: addr, spool: dir.clone(), max_load_per_cpu: 1e9, max_disk_pct: 100.0, ..settings() };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(s, async move {
             let _ = rx.await;

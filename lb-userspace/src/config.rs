@@ -16,6 +16,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub mod mailbox;
+pub mod proxy;
 pub mod relay;
 
 /// The configuration used when none is given: the lab topology that `cargo xtask run` builds
@@ -55,6 +56,9 @@ pub struct Config {
     /// delivery.
     #[serde(default)]
     pub mailbox: Option<mailbox::MailboxConfig>,
+    /// The POP3/IMAP proxy with mailbox affinity (on a `local` VIP, possibly the relay's).
+    #[serde(default)]
+    pub proxy: Option<proxy::ProxyConfig>,
 }
 
 /// One VRRPv3 virtual router (RFC 5798/9568): the node with the highest priority holds the
@@ -764,6 +768,7 @@ impl Config {
         self.validate_vrrp(&mut p);
         relay::validate(self, &mut p);
         mailbox::validate(self, &mut p);
+        proxy::validate(self, &mut p);
         out
     }
 

@@ -257,7 +257,7 @@ impl Controller {
             Some(m) => m.reason_counters()?.into_iter().map(|(r, c)| (r.name().to_string(), c.packets)).collect(),
             None => Vec::new(),
         };
-        Ok(crate::metrics::Status { backends, vips, decisions, vrrp: self.vrrp.read(), relay: None })
+        Ok(crate::metrics::Status { backends, vips, decisions, vrrp: self.vrrp.read(), relay: None, proxy: None })
     }
 
     /// VRRP: this node became master of `vips` (`active`) or stopped being it. Published at
@@ -437,12 +437,20 @@ pub struct Response {
     pub message: String,
 }
 
+/// The services on local VIPs that the control socket reaches (each `None` when not
+/// configured).
+#[derive(Clone, Default)]
+pub struct Services {
+    pub relay: Option<std::sync::Arc<crate::relay::service::Relay>>,
+    pub mailboxes: Option<std::sync::Arc<crate::mailbox::service::MailboxService>>,
+    pub proxy: Option<std::sync::Arc<crate::proxy::Proxy>>,
+}
+
 /// Serves the control socket until `shutdown` resolves.
 pub async fn serve(
     path: PathBuf,
     controller: std::sync::Arc<Mutex<Controller>>,
-    relay: Option<std::sync::Arc<crate::relay::service::Relay>>,
-    mailboxes: Option<std::sync::Arc<crate::mailbox::service::MailboxService>>,
+    services: Services,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ControlError> {
     if let Some(dir) = path.parent() {
@@ -459,9 +467,9 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let (controller, relay, mailboxes) = (controller.clone(), relay.clone(), mailboxes.clone());
+                let (controller, services) = (controller.clone(), services.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, controller, relay, mailboxes).await {
+                    if let Err(e) = handle(stream, controller, services).await {
                         warn!(error = %e, "control connection");
                     }
                 });
@@ -478,9 +486,9 @@ const MAX_REQUEST: usize = 64 * 1024;
 async fn handle(
     stream: UnixStream,
     controller: std::sync::Arc<Mutex<Controller>>,
-    relay: Option<std::sync::Arc<crate::relay::service::Relay>>,
-    mailboxes: Option<std::sync::Arc<crate::mailbox::service::MailboxService>>,
+    services: Services,
 ) -> std::io::Result<()> {
+    let Services { relay, mailboxes, proxy } = services;
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 * 16));
     let mut line = String::new();
@@ -504,6 +512,7 @@ async fn handle(
                             let r = r.clone();
                             st.relay = tokio::task::spawn_blocking(move || r.snapshot()).await.ok();
                         }
+                        st.proxy = proxy.as_ref().map(|p| p.snapshot());
                         Response { ok: true, message: serde_json::to_string(&st).unwrap_or_default() }
                     }
                     Err(e) => Response { ok: false, message: e.to_string() },

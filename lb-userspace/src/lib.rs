@@ -32,6 +32,8 @@
 //!   sk_skb verdict): [`sockmap::Splicer::splice`].
 //! - [`shed`]: the tempfail responder (SMTP 421, POP3 -ERR [SYS/TEMP], IMAP * BYE) for full VIPs.
 //! - [`relay`]: the store-and-forward SMTP relay with a mirrored queue (see its layout).
+//! - [`proxy`]: the POP3/IMAP proxy with mailbox affinity: the pre-login dialogues, the login
+//!   replayed to the mailbox's owner, then relaying (see its layout).
 //! - [`report`]: listings and rates shown by the CLI (`--json` prints the same structs).
 //!
 //! The XDP program itself is in the `lb-ebpf` crate; the types both sides share are in
@@ -51,6 +53,7 @@ pub mod health;
 pub mod neighbours;
 pub mod policy;
 pub mod prober;
+pub mod proxy;
 pub mod relay;
 pub mod report;
 pub mod shed;

@@ -705,6 +705,14 @@ async fn status(config: Config, json: bool) -> Result<()> {
         println!("relay: {} accepted, {} refused (no copy); queue {}, peer copies {}", r.accepted, r.refused_unstored, r.queued, r.replicas);
         println!("mirror: {mirror}");
     }
+    if let Some(p) = &st.proxy {
+        println!();
+        println!(
+            "proxy: {} sessions ({} open, {} refused); logins {} ok, {} failed, {} slowed, {} blocked, {} owner down; relayed {} copy, {} sockmap; {} ended by move",
+            p.sessions, p.active, p.sessions_refused, p.logins_ok, p.logins_failed, p.logins_slowed, p.logins_blocked,
+            p.logins_unavailable, p.relayed_copy, p.relayed_sockmap, p.ended_by_move
+        );
+    }
     Ok(())
 }
 
@@ -898,12 +906,17 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
         let mailboxes = mxlb::mailbox::service::start(&services, controller.clone(), stop_rx.clone())
             .context("starting the mailbox map")?;
         let directory = mailboxes.as_ref().map(|m| m.directory.clone());
-        let relay = mxlb::relay::service::start(&services, controller.clone(), directory, stop_rx.clone())
+        let relay = mxlb::relay::service::start(&services, controller.clone(), directory.clone(), stop_rx.clone())
             .await
             .context("starting the relay")?;
-        anyhow::Ok((mailboxes, relay))
+        // The POP3/IMAP proxy, on the ports of its VIP the relay leaves to it.
+        let proxy = match directory {
+            Some(d) => mxlb::proxy::start(&services, d, stop_rx.clone()).context("starting the POP3/IMAP proxy")?,
+            None => None,
+        };
+        anyhow::Ok(control::Services { relay, mailboxes, proxy })
     };
-    let (mailboxes, relay) = match started.await {
+    let services = match started.await {
         Ok(s) => s,
         Err(e) => {
             let _ = stop_tx.send(true);
@@ -913,11 +926,11 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
             return Err(e);
         }
     };
+    let control::Services { relay, mailboxes, proxy } = services.clone();
     let server = tokio::spawn(control::serve(
         node.control_socket.clone(),
         controller.clone(),
-        relay.clone(),
-        mailboxes.clone(),
+        services,
         wait_stop(stop_rx.clone()),
     ));
     // Neighbours change (a back-end replaced, a MAC learned late): re-read every few seconds.
@@ -974,6 +987,9 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
         if let Some(r) = &relay {
             m.register_relay(r.clone());
         }
+        if let Some(p) = &proxy {
+            m.register_proxy(p.clone());
+        }
         Arc::new(m)
     };
     let prober = tokio::spawn(mxlb::prober::run(controller.clone(), health_settings, metrics.clone(), stop_rx.clone()));
@@ -1018,6 +1034,9 @@ async fn run(config: Config, keep_attached: bool) -> Result<()> {
     if let Some(r) = &relay {
         // Sessions finish their transaction, delivery its attempts in progress.
         r.stopped().await;
+    }
+    if let Some(p) = &proxy {
+        p.stopped().await;
     }
     if let Some(t) = reloader {
         let _ = t.await;

@@ -71,6 +71,9 @@ pub struct Status {
     /// The relay's queue and mirror, when this node runs one.
     #[serde(default)]
     pub relay: Option<crate::relay::service::RelaySnapshot>,
+    /// The POP3/IMAP proxy's counters, when this node runs one.
+    #[serde(default)]
+    pub proxy: Option<crate::proxy::Snapshot>,
 }
 
 /// The agent's metrics: the probe histograms, and a collector reading the rest on scrape.
@@ -109,6 +112,11 @@ impl Metrics {
         let current = Arc::new(std::sync::Mutex::new(None));
         registry.register_collector(Box::new(StatusCollector(current.clone())));
         Metrics { registry, probe_duration, probe_failures, current }
+    }
+
+    /// Exports the proxy's counters (`mxlb_proxy_*`).
+    pub fn register_proxy(&mut self, proxy: Arc<crate::proxy::Proxy>) {
+        self.registry.register_collector(Box::new(ProxyCollector(proxy)));
     }
 
     /// Exports the relay's counters (`mxlb_relay_*`).
@@ -234,6 +242,42 @@ impl Collector for StatusCollector {
     }
 }
 
+struct ProxyCollector(Arc<crate::proxy::Proxy>);
+
+impl std::fmt::Debug for ProxyCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxyCollector")
+    }
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.snapshot();
+        let counters: [(&str, &str, u64); 7] = [
+            ("proxy_sessions", "POP3/IMAP connections accepted", s.sessions),
+            ("proxy_sessions_refused", "Connections refused by max_sessions or max_sessions_per_source", s.sessions_refused),
+            ("proxy_logins_ok", "Logins the owner accepted", s.logins_ok),
+            ("proxy_logins_failed", "Failed logins (wrong password or unknown user)", s.logins_failed),
+            ("proxy_logins_blocked", "Logins answered 'try later' because their source is blocked", s.logins_blocked),
+            ("proxy_logins_slowed", "Failure answers delayed by the per-source limiter", s.logins_slowed),
+            ("proxy_logins_unavailable", "Logins answered 'try later' because the owner was down or unreachable", s.logins_unavailable),
+        ];
+        for (name, help, n) in counters {
+            let me = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(n).encode(me)?;
+        }
+        let mut me = encoder.encode_descriptor("proxy_relayed", "Logged-in sessions relayed, by path", None, MetricType::Counter)?;
+        for (path, n) in [("copy", s.relayed_copy), ("sockmap", s.relayed_sockmap)] {
+            ConstCounter::new(n).encode(me.encode_family(&[("path", path)])?)?;
+        }
+        let me = encoder.encode_descriptor("proxy_ended_by_move", "Sessions ended because their mailbox moved", None, MetricType::Counter)?;
+        ConstCounter::new(s.ended_by_move).encode(me)?;
+        let me = encoder.encode_descriptor("proxy_active_sessions", "Open POP3/IMAP sessions", None, MetricType::Gauge)?;
+        ConstGauge::new(s.active as i64).encode(me)?;
+        Ok(())
+    }
+}
+
 struct RelayCollector(Arc<crate::relay::service::Relay>);
 
 impl std::fmt::Debug for RelayCollector {
@@ -347,7 +391,7 @@ mod tests {
             adverts_received: 7,
             dropped: [("checksum".to_string(), 5u64)].into(),
         };
-        let status = Status { backends: vec![], vips: vec![], decisions: vec![], vrrp: vec![vrrp], relay: None };
+        let status = Status { backends: vec![], vips: vec![], decisions: vec![], vrrp: vec![vrrp], relay: None, proxy: None };
         let text = Metrics::new().render(status).unwrap();
         for want in [
             "mxlb_vrrp_state{instance=\"smtp\",state=\"MASTER\"} 1",

@@ -648,7 +648,9 @@ pub async fn start(
 
     let acceptance = Arc::new(Acceptance { spool, mirror, policy, submit: submit_tx, counters, credentials });
     let settings = Arc::new(session_settings(r, tls));
-    for port in &vip.ports {
+    // Ports the POP3/IMAP proxy takes on a shared VIP are the proxy's.
+    let proxied = crate::config::proxy::taken_ports(config, &vip.name);
+    for port in vip.ports.iter().filter(|p| !proxied.contains(p)) {
         let addr = SocketAddr::new(vip.address, *port);
         let listener = crate::shed::freebind_listener(addr).map_err(|source| RelayError::Listen { addr, source })?;
         info!(%addr, "relay listening");
