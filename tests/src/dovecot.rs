@@ -12,6 +12,22 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{Daemon, Netns};
 
+/// The extra POP3 and IMAP listeners expecting a PROXY v2 header ([`DovecotOpts`]).
+pub const HAPROXY_POP3_PORT: u16 = 10110;
+pub const HAPROXY_IMAP_PORT: u16 = 10143;
+
+/// Settings beyond the defaults of [`Dovecot::start`].
+#[derive(Debug, Clone, Default)]
+pub struct DovecotOpts {
+    /// `haproxy_trusted_networks`; also adds listeners with `haproxy = yes` on
+    /// [`HAPROXY_POP3_PORT`] and [`HAPROXY_IMAP_PORT`].
+    pub haproxy_trusted_networks: Option<String>,
+    /// `login_trusted_networks` (who may pass a client address with IMAP ID).
+    pub login_trusted_networks: Option<String>,
+    /// `auth_failure_delay` in seconds (Dovecot 2.3 takes whole seconds here).
+    pub auth_failure_delay_s: Option<u32>,
+}
+
 /// A running Dovecot.
 pub struct Dovecot {
     daemon: Option<Daemon>,
@@ -35,6 +51,18 @@ impl Dovecot {
         users: &[(&str, &str)],
         probe_ip: std::net::IpAddr,
         tls: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Dovecot> {
+        Self::start_with(ns, name, users, probe_ip, tls, &DovecotOpts::default())
+    }
+
+    /// Like [`Dovecot::start_with_tls`], with the extra settings of `opts`.
+    pub fn start_with(
+        ns: &Netns,
+        name: &str,
+        users: &[(&str, &str)],
+        probe_ip: std::net::IpAddr,
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+        opts: &DovecotOpts,
     ) -> Result<Dovecot> {
         let dir = std::env::temp_dir().join(format!("{}-dovecot-{name}", ns.name()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -60,8 +88,21 @@ impl Dovecot {
                 "  inet_listener pop3s {\n    port = 995\n    ssl = yes\n  }\n".to_string(),
             ),
         };
+        let (mut imaps, mut pop3s) = (imaps, pop3s);
+        let mut globals = String::new();
+        if let Some(trusted) = &opts.haproxy_trusted_networks {
+            globals += &format!("haproxy_trusted_networks = {trusted}\n");
+            imaps += &format!("  inet_listener imap_haproxy {{\n    port = {HAPROXY_IMAP_PORT}\n    haproxy = yes\n  }}\n");
+            pop3s += &format!("  inet_listener pop3_haproxy {{\n    port = {HAPROXY_POP3_PORT}\n    haproxy = yes\n  }}\n");
+        }
+        if let Some(delay) = opts.auth_failure_delay_s {
+            globals += &format!("auth_failure_delay = {delay} secs\n");
+        }
+        if let Some(trusted) = &opts.login_trusted_networks {
+            globals += &format!("login_trusted_networks = {trusted}\n");
+        }
         let conf = format!(
-            "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
+            "{globals}base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\n\
              protocols = imap pop3 lmtp\nlisten = *, ::\n{ssl}\ndisable_plaintext_auth = no\n\
              auth_mechanisms = plain login\nlogin_greeting = {name} ready.\n\
              default_internal_user = nobody\ndefault_internal_group = nogroup\ndefault_login_user = nobody\n\

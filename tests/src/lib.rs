@@ -37,5 +37,6 @@ pub mod sessions;
 pub mod dovecot;
 pub mod failover;
 pub mod flood;
+pub mod proxy;
 pub mod relay;
 pub mod vrrp;

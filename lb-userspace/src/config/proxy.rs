@@ -10,9 +10,10 @@ use super::{Config, ForwardingMode, KeyPath, VipConfig};
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
-    /// The `local` VIP the proxy answers on. It takes the VIP's ports listed below; the relay
-    /// (if it shares the VIP) keeps the others.
-    pub vip: String,
+    /// The `local` VIP(s) the proxy answers on: one name, or a list (an IPv4 and an IPv6 VIP
+    /// of one service). It takes each VIP's ports listed below; the relay (if it shares a
+    /// VIP) keeps the others.
+    pub vip: VipNames,
     /// POP3 ports (STLS offered when a certificate is set). Default: 110 if the VIP has it.
     #[serde(default)]
     pub pop3: Option<Vec<u16>>,
@@ -91,6 +92,29 @@ pub struct ProxyConfig {
     pub greeting: String,
 }
 
+/// One VIP name or several.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum VipNames {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl VipNames {
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            VipNames::One(n) => vec![n.as_str()],
+            VipNames::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl From<&str> for VipNames {
+    fn from(s: &str) -> Self {
+        VipNames::One(s.to_string())
+    }
+}
+
 /// How the client's address reaches the back-end.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -140,7 +164,7 @@ impl ProxyConfig {
 /// The ports of VIP `vip` that the proxy takes (the relay leaves them alone).
 pub fn taken_ports(config: &Config, vip: &str) -> Vec<u16> {
     match (&config.proxy, config.vip(vip)) {
-        (Some(p), Some(v)) if p.vip == vip => p.ports(v).all().collect(),
+        (Some(p), Some(v)) if p.vip.names().contains(&vip) => p.ports(v).all().collect(),
         _ => Vec::new(),
     }
 }
@@ -198,37 +222,49 @@ fn default_greeting() -> String {
 pub(super) fn validate(config: &Config, p: &mut impl FnMut(KeyPath, String)) {
     let Some(x) = &config.proxy else { return };
     let at = KeyPath::new("proxy");
-    let vip = match config.vip(&x.vip) {
-        None => {
-            p(at.key("vip"), format!("no [[vip]] is named `{}`", x.vip));
-            None
+    let names = x.vip.names();
+    if names.is_empty() {
+        p(at.key("vip"), "at least one VIP is required".into());
+    }
+    for (i, name) in names.iter().enumerate() {
+        let key = match &x.vip {
+            VipNames::One(_) => at.key("vip"),
+            VipNames::Many(_) => at.key("vip").index(i),
+        };
+        if names[..i].contains(name) {
+            p(key.clone(), format!("VIP `{name}` is listed twice"));
         }
-        Some(v) if v.mode != ForwardingMode::Local => {
-            p(at.key("vip"), format!("VIP `{}` must have mode = \"local\" (the proxy runs on this node)", x.vip));
-            None
-        }
-        Some(v) => Some(v),
-    };
-    if let Some(v) = vip {
+        let v = match config.vip(name) {
+            None => {
+                p(key, format!("no [[vip]] is named `{name}`"));
+                continue;
+            }
+            Some(v) if v.mode != ForwardingMode::Local => {
+                p(key, format!("VIP `{name}` must have mode = \"local\" (the proxy runs on this node)"));
+                continue;
+            }
+            Some(v) => v,
+        };
         let ports = x.ports(v);
         let mut seen = Vec::new();
         for (key, list) in [("pop3", &ports.pop3), ("imap", &ports.imap), ("pop3s", &ports.pop3s), ("imaps", &ports.imaps)] {
-            for (i, port) in list.iter().enumerate() {
-                if !v.ports.contains(port) {
-                    p(at.key(key).index(i), format!("port {port} is not among VIP `{}`'s ports", v.name));
-                } else if seen.contains(port) {
-                    p(at.key(key).index(i), format!("port {port} is listed twice"));
+            // Explicit lists apply to every VIP; only a port missing from all of them is wrong.
+            for (j, port) in list.iter().enumerate() {
+                if seen.contains(port) {
+                    p(at.key(key).index(j), format!("port {port} is listed twice"));
+                } else if !v.ports.contains(port) {
+                    p(at.key(key).index(j), format!("port {port} is not among VIP `{}`'s ports", v.name));
                 }
                 seen.push(*port);
             }
         }
         if seen.is_empty() {
-            p(at.key("vip"), format!("VIP `{}` has none of the proxy's ports (110, 143, 993, 995, or those listed)", v.name));
+            p(key, format!("VIP `{}` has none of the proxy's ports (110, 143, 993, 995, or those listed)", v.name));
         }
         if x.tls_cert.is_none() {
             for (key, list) in [("pop3s", &ports.pop3s), ("imaps", &ports.imaps)] {
-                if !list.is_empty() {
-                    p(at.key("tls_cert"), format!("implicit TLS ({key} port {}) needs tls_cert and tls_key", list[0]));
+                if let Some(port) = list.first() {
+                    p(at.key("tls_cert"), format!("implicit TLS ({key} port {port}) needs tls_cert and tls_key"));
                 }
             }
         }
@@ -342,6 +378,17 @@ tls_key = "/etc/mxlb/mail.key"
         assert!(e.contains("proxy.tls_cert: implicit TLS (pop3s port 995)"), "{e}");
         let plain_only = no_tls.replace("vip = \"mail\"", "vip = \"mail\"\npop3s = []\nimaps = []");
         assert!(Config::parse(&format!("{BASE}{plain_only}"), "t.toml").is_ok());
+    }
+
+    #[test]
+    fn an_ipv4_and_an_ipv6_vip() {
+        let two = format!("{BASE}\n[[vip]]\nname = \"mail6\"\naddress = \"2001:db8::100\"\nports = [110, 143]\nmode = \"local\"\n");
+        let x = PROXY.replace("vip = \"mail\"", "vip = [\"mail\", \"mail6\"]\npop3s = []\nimaps = []");
+        let c = Config::parse(&format!("{two}{x}"), "t.toml").unwrap();
+        assert_eq!(taken_ports(&c, "mail6"), vec![110, 143]);
+        let bad = x.replace("\"mail6\"]", "\"mail7\"]");
+        let e = Config::parse(&format!("{two}{bad}"), "t.toml").unwrap_err().to_string();
+        assert!(e.contains("proxy.vip[1]: no [[vip]] is named `mail7`"), "{e}");
     }
 
     #[test]

@@ -592,7 +592,6 @@ pub fn tls_config(x: &ProxyConfig) -> Result<Option<Arc<rustls::ServerConfig>>, 
 /// Must run inside the tokio runtime.
 pub fn start(config: &Config, directory: Arc<Directory>, stop: watch::Receiver<bool>) -> Result<Option<Arc<Proxy>>, ProxyError> {
     let Some(x) = &config.proxy else { return Ok(None) };
-    let vip = config.vip(&x.vip).ok_or_else(|| ProxyError::Setup(format!("no VIP `{}`", x.vip)))?;
     let tls = tls_config(x)?;
     let mut proxy = Proxy::new(Settings::from_config(x), directory, tls);
     if x.relaying == Relaying::Sockmap {
@@ -601,19 +600,22 @@ pub fn start(config: &Config, directory: Arc<Directory>, stop: watch::Receiver<b
             Err(e) => warn!(error = %e, "the kernel splice cannot be loaded; logged-in sessions are copied in userspace"),
         }
     }
-    let ports = x.ports(vip);
-    let services = [
-        (&ports.pop3, Service { protocol: Protocol::Pop3, implicit_tls: false }),
-        (&ports.imap, Service { protocol: Protocol::Imap, implicit_tls: false }),
-        (&ports.pop3s, Service { protocol: Protocol::Pop3, implicit_tls: true }),
-        (&ports.imaps, Service { protocol: Protocol::Imap, implicit_tls: true }),
-    ];
-    for (list, service) in services {
-        for port in list {
-            let addr = SocketAddr::new(vip.address, *port);
-            let listener = crate::shed::freebind_listener(addr).map_err(|source| ProxyError::Listen { addr, source })?;
-            info!(%addr, ?service, "proxy listening");
-            proxy.serve(listener, service, stop.clone());
+    for name in x.vip.names() {
+        let vip = config.vip(name).ok_or_else(|| ProxyError::Setup(format!("no VIP `{name}`")))?;
+        let ports = x.ports(vip);
+        let services = [
+            (&ports.pop3, Service { protocol: Protocol::Pop3, implicit_tls: false }),
+            (&ports.imap, Service { protocol: Protocol::Imap, implicit_tls: false }),
+            (&ports.pop3s, Service { protocol: Protocol::Pop3, implicit_tls: true }),
+            (&ports.imaps, Service { protocol: Protocol::Imap, implicit_tls: true }),
+        ];
+        for (list, service) in services {
+            for port in list {
+                let addr = SocketAddr::new(vip.address, *port);
+                let listener = crate::shed::freebind_listener(addr).map_err(|source| ProxyError::Listen { addr, source })?;
+                info!(%addr, ?service, "proxy listening");
+                proxy.serve(listener, service, stop.clone());
+            }
         }
     }
     Ok(Some(proxy))
