@@ -46,6 +46,44 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PemError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| pem_error(path, e))
 }
 
+/// Which clients of a TLS server show a certificate, verified against a CA bundle.
+#[derive(Debug, Clone, Copy)]
+pub enum ClientCerts<'a> {
+    /// None is asked for (the proxy, the relay without a client CA).
+    Ignored,
+    /// Verified when shown; clients without one are still served (the relay's STARTTLS, where a
+    /// certificate lets a client relay).
+    Optional(&'a Path),
+    /// Every client must show one (the mirror channel).
+    Required(&'a Path),
+}
+
+/// A server config for the certificate chain `cert` and key `key`. The one builder for every
+/// TLS server in mxlb, so each uses the same provider and protocol versions, and an unusable
+/// file is named in the error.
+pub fn server_config(cert: &Path, key: &Path, clients: ClientCerts<'_>) -> Result<Arc<rustls::ServerConfig>, PemError> {
+    let chain = load_chain(cert)?;
+    let key_der = load_key(key)?;
+    let provider = provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| pem_error(cert, e))?;
+    let builder = match clients {
+        ClientCerts::Ignored => builder.with_no_client_auth(),
+        ClientCerts::Optional(ca) | ClientCerts::Required(ca) => {
+            let roots = Arc::new(load_roots(ca)?);
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider);
+            let verifier = match clients {
+                ClientCerts::Optional(_) => verifier.allow_unauthenticated(),
+                _ => verifier,
+            };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| pem_error(ca, e))?)
+        }
+    };
+    let config = builder.with_single_cert(chain, key_der).map_err(|e| pem_error(key, e))?;
+    Ok(Arc::new(config))
+}
+
 /// The crypto provider every mxlb TLS config uses.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -577,15 +577,7 @@ async fn copy_both(
 /// The TLS config for 993/995 and STARTTLS, from `tls_cert`/`tls_key`.
 pub fn tls_config(x: &ProxyConfig) -> Result<Option<Arc<rustls::ServerConfig>>, ProxyError> {
     let (Some(cert), Some(key)) = (&x.tls_cert, &x.tls_key) else { return Ok(None) };
-    let chain = crate::tls::load_chain(cert).map_err(|e| ProxyError::Tls(e.to_string()))?;
-    let key_der = crate::tls::load_key(key).map_err(|e| ProxyError::Tls(e.to_string()))?;
-    let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ProxyError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .map_err(|e| ProxyError::Tls(format!("{}: {e}", key.display())))?;
-    Ok(Some(Arc::new(config)))
+    crate::tls::server_config(cert, key, crate::tls::ClientCerts::Ignored).map(Some).map_err(|e| ProxyError::Tls(e.to_string()))
 }
 
 /// Starts the proxy of `[proxy]` (if any): listeners on the VIP's proxied ports, until `stop`.

@@ -112,22 +112,14 @@ pub fn tls_configs(
     let chain = crate::tls::load_chain(cert).map_err(tls)?;
     let roots = Arc::new(crate::tls::load_roots(ca).map_err(tls)?);
     let provider = crate::tls::provider();
-    let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| MirrorError::Tls(e.to_string()))?
-        .with_root_certificates(roots.clone())
-        .with_client_auth_cert(chain.clone(), crate::tls::load_key(key).map_err(tls)?)
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, crate::tls::load_key(key).map_err(tls)?)
         .map_err(|e| MirrorError::Tls(format!("{}: {e}", key.display())))?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-        .build()
-        .map_err(|e| MirrorError::Tls(e.to_string()))?;
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| MirrorError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, crate::tls::load_key(key).map_err(tls)?)
-        .map_err(|e| MirrorError::Tls(format!("{}: {e}", key.display())))?;
-    Ok((Arc::new(client), Arc::new(server)))
+    let server = crate::tls::server_config(cert, key, crate::tls::ClientCerts::Required(ca)).map_err(tls)?;
+    Ok((Arc::new(client), server))
 }
 
 /// Why a copy was not made, or the channel could not start.

@@ -60,26 +60,11 @@ pub enum RelayError {
 /// still served (port 25 must accept mail from anyone).
 pub fn starttls_config(r: &RelayConfig) -> Result<Option<Arc<rustls::ServerConfig>>, RelayError> {
     let (Some(cert), Some(key)) = (&r.tls_cert, &r.tls_key) else { return Ok(None) };
-    let setup = |e: String| RelayError::Setup(e);
-    let chain = crate::tls::load_chain(cert).map_err(|e| setup(e.to_string()))?;
-    let key_der = crate::tls::load_key(key).map_err(|e| setup(e.to_string()))?;
-    let provider = crate::tls::provider();
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| setup(e.to_string()))?;
-    let builder = match &r.tls_client_ca {
-        Some(ca) => {
-            let roots = Arc::new(crate::tls::load_roots(ca).map_err(|e| setup(e.to_string()))?);
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| setup(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
+    let clients = match &r.tls_client_ca {
+        Some(ca) => crate::tls::ClientCerts::Optional(ca),
+        None => crate::tls::ClientCerts::Ignored,
     };
-    let config = builder.with_single_cert(chain, key_der).map_err(|e| setup(format!("{}: {e}", key.display())))?;
-    Ok(Some(Arc::new(config)))
+    crate::tls::server_config(cert, key, clients).map(Some).map_err(|e| RelayError::Setup(e.to_string()))
 }
 
 /// The mirror's settings from `[relay.mirror]`.
