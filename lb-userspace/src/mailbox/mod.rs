@@ -265,22 +265,19 @@ impl Directory {
 
     /// Where a login for `user` goes, or that the user exists nowhere.
     pub fn locate(&self, user: &str) -> Located {
-        let key = normalize(user);
-        let (name, source, _) = self.resolve(&key);
-        if source == Source::Hashed && self.existence_of(&key) == Existence::Nowhere {
-            return Located::NoSuchUser;
+        match self.whereabouts(user).owner {
+            Some(owner) => Located::Owner(owner),
+            None => Located::NoSuchUser,
         }
-        Located::Owner(self.owner_named(name, source))
     }
 
-    /// `mxlb mailbox where`.
+    /// `mxlb mailbox where`: the owner (`None`: the mailbox exists nowhere) and who reports it.
+    /// Only a hashed owner can be "nowhere": a table entry or a report means the mailbox exists.
     pub fn whereabouts(&self, mailbox: &str) -> Whereabouts {
         let key = normalize(mailbox);
         let (name, source, reported_by) = self.resolve(&key);
-        let owner = match source == Source::Hashed && self.existence_of(&key) == Existence::Nowhere {
-            true => None,
-            false => Some(self.owner_named(name, source)),
-        };
+        let nowhere = source == Source::Hashed && self.existence_of(&key) == Existence::Nowhere;
+        let owner = (!nowhere).then(|| self.owner_named(name, source));
         Whereabouts { mailbox: key, owner, reported_by }
     }
 

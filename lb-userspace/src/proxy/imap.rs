@@ -156,7 +156,7 @@ impl Imap {
     fn run(&mut self) -> Vec<Action> {
         let mut out = Vec::new();
         loop {
-            match self.wait.clone() {
+            match self.wait {
                 Wait::Paused | Wait::Closed => break,
                 Wait::Literal(n) => {
                     if self.buf.len() < n {
@@ -166,7 +166,7 @@ impl Imap {
                     self.pieces.push(Piece::Literal(literal));
                     self.wait = Wait::Command;
                 }
-                Wait::Command => {
+                Wait::Command | Wait::Response { .. } => {
                     let line = match take_line(&mut self.buf) {
                         Ok(Some(l)) => l,
                         Ok(None) => break,
@@ -175,52 +175,48 @@ impl Imap {
                             break;
                         }
                     };
-                    self.size += line.len() + 2;
-                    if self.size > MAX_LINE {
-                        self.too_long(&mut out);
-                        break;
+                    match std::mem::replace(&mut self.wait, Wait::Command) {
+                        Wait::Response { tag, sasl } => self.sasl_response(&tag, sasl, &line, &mut out),
+                        _ => self.command_line(line, &mut out),
                     }
-                    match literal_marker(&line) {
-                        Some((text_len, size, sync)) => {
-                            let tag = self.current_tag(&line);
-                            match size {
-                                Some(n) if n <= MAX_LITERAL && self.size + n <= MAX_LINE => {
-                                    self.size += n;
-                                    self.pieces.push(Piece::Text(line[..text_len].to_vec()));
-                                    if sync {
-                                        out.push(Action::Send(b"+ OK\r\n".to_vec()));
-                                    }
-                                    self.wait = Wait::Literal(n);
-                                }
-                                _ => {
-                                    out.push(Action::Send(format!("{tag} BAD Literal too large.\r\n").into_bytes()));
-                                    self.close(&mut out);
-                                }
-                            }
-                        }
-                        None => {
-                            self.pieces.push(Piece::Text(line));
-                            let pieces = std::mem::take(&mut self.pieces);
-                            self.size = 0;
-                            self.command(pieces, &mut out);
-                        }
-                    }
-                }
-                Wait::Response { tag, sasl } => {
-                    let line = match take_line(&mut self.buf) {
-                        Ok(Some(l)) => l,
-                        Ok(None) => break,
-                        Err(_) => {
-                            self.too_long(&mut out);
-                            break;
-                        }
-                    };
-                    self.wait = Wait::Command;
-                    self.sasl_response(&tag, sasl, &line, &mut out);
                 }
             }
         }
         out
+    }
+
+    /// One line of a command: either the whole command, or text up to a literal (`{n}` /
+    /// `{n+}`) whose size is checked before a byte of it is read.
+    fn command_line(&mut self, line: Vec<u8>, out: &mut Vec<Action>) {
+        self.size += line.len() + 2;
+        if self.size > MAX_LINE {
+            return self.too_long(out);
+        }
+        match literal_marker(&line) {
+            Some((text_len, size, sync)) => {
+                let tag = self.current_tag(&line);
+                match size {
+                    Some(n) if n <= MAX_LITERAL && self.size + n <= MAX_LINE => {
+                        self.size += n;
+                        self.pieces.push(Piece::Text(line[..text_len].to_vec()));
+                        if sync {
+                            out.push(Action::Send(b"+ OK\r\n".to_vec()));
+                        }
+                        self.wait = Wait::Literal(n);
+                    }
+                    _ => {
+                        out.push(Action::Send(format!("{tag} BAD Literal too large.\r\n").into_bytes()));
+                        self.close(out);
+                    }
+                }
+            }
+            None => {
+                self.pieces.push(Piece::Text(line));
+                let pieces = std::mem::take(&mut self.pieces);
+                self.size = 0;
+                self.command(pieces, out);
+            }
+        }
     }
 
     fn too_long(&mut self, out: &mut Vec<Action>) {

@@ -251,10 +251,12 @@ impl RecipientPolicy {
         }
         // Back-ends report `user@domain`, or bare user names for a single-domain server.
         use crate::mailbox::Existence;
-        match (directory.exists(&format!("{local}@{domain}")), directory.exists(&local)) {
-            (Existence::Exists, _) | (_, Existence::Exists) => RcptVerdict::Accept,
-            (Existence::Nowhere, _) => RcptVerdict::UnknownUser,
-            (Existence::Unknown(why), _) => RcptVerdict::TempFail(format!("Recipient address lookup failed: {why}")),
+        // The bare name is looked up only when the full address is not found.
+        match directory.exists(&format!("{local}@{domain}")) {
+            Existence::Exists => RcptVerdict::Accept,
+            _ if directory.exists(&local) == Existence::Exists => RcptVerdict::Accept,
+            Existence::Nowhere => RcptVerdict::UnknownUser,
+            Existence::Unknown(why) => RcptVerdict::TempFail(format!("Recipient address lookup failed: {why}")),
         }
     }
 
