@@ -92,7 +92,7 @@ use aya::{
     programs::{ProgramError, SkSkb},
 };
 use lb_common::{MAP_SPLICE_PEERS, MAP_SPLICE_SOCKS, PROG_SPLICE, SplicePeer};
-use tokio::{io::unix::AsyncFd, net::TcpStream};
+use tokio::{io::AsyncWriteExt as _, io::unix::AsyncFd, net::TcpStream};
 
 use crate::EBPF_OBJECT;
 
@@ -180,7 +180,7 @@ pub enum SessionEnd {
 }
 
 /// Tunables of [`Splicer::splice`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpliceOptions {
     /// End the session when no byte moved either way for this long (None: never; a peer
     /// that vanishes without FIN or RST is then detected only by TCP keepalive, which the
@@ -189,11 +189,16 @@ pub struct SpliceOptions {
     /// How long an end of stream may wait for the kernel to hand the last relayed bytes to
     /// the other socket *without progress* before the FIN is sent anyway (data then lost).
     pub flush_timeout: Duration,
+    /// Written to the client once both sockets are in the map (the proxy's login reply). A
+    /// client that waits for it (every POP3/IMAP client after its login) then sends nothing
+    /// before the relay is in place, so there is no window in which its next command lands
+    /// in a receive queue the verdict does not see. Not written when the splice is refused.
+    pub reply_to_client: Vec<u8>,
 }
 
 impl Default for SpliceOptions {
     fn default() -> Self {
-        SpliceOptions { idle_timeout: None, flush_timeout: Duration::from_secs(30) }
+        SpliceOptions { idle_timeout: None, flush_timeout: Duration::from_secs(30), reply_to_client: Vec::new() }
     }
 }
 
@@ -306,7 +311,7 @@ impl Splicer {
     /// the streams).
     pub async fn splice(
         &self,
-        client: TcpStream,
+        mut client: TcpStream,
         backend: TcpStream,
         options: SpliceOptions,
     ) -> Result<SpliceOutcome, SpliceError> {
@@ -325,7 +330,7 @@ impl Splicer {
             (_, Err(e)) => return Err(refuse(Refusal::Insert { side: Side::Backend, message: e.to_string() }, client, backend)),
         };
         // What each socket had queued for sending before the kernel starts adding to it.
-        let base = match (write_offset(fds[0]), write_offset(fds[1])) {
+        let mut base = match (write_offset(fds[0]), write_offset(fds[1])) {
             (Ok(c), Ok(b)) => [c, b],
             (Err(e), _) => return Err(refuse(Refusal::Insert { side: Side::Client, message: e.to_string() }, client, backend)),
             (_, Err(e)) => return Err(refuse(Refusal::Insert { side: Side::Backend, message: e.to_string() }, client, backend)),
@@ -334,8 +339,12 @@ impl Splicer {
             Ok(e) => e,
             Err(reason) => return Err(refuse(reason, client, backend)),
         };
-        // From here on the sockets are the kernel's. Bytes that arrived between the FIONREAD
-        // check and the insertion sit in a receive queue the verdict has not seen: poke it.
+        // From here on the sockets are the kernel's (a failed write drops `entries`: out again).
+        client.write_all(&options.reply_to_client).await.map_err(SpliceError::Io)?;
+        // Queued by us, not relayed: the flush before a forwarded FIN must not count it.
+        base[0] = base[0].wrapping_add(options.reply_to_client.len() as u64);
+        // Bytes that arrived between the FIONREAD check and the insertion sit in a receive
+        // queue the verdict has not seen: poke it.
         let owned = match (client.into_std(), backend.into_std()) {
             (Ok(c), Ok(b)) => [OwnedFd::from(c), OwnedFd::from(b)],
             (Err(e), _) | (_, Err(e)) => return Err(SpliceError::Io(e)),

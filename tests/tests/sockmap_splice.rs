@@ -301,3 +301,53 @@ fn an_idle_session_ends_at_the_idle_limit() {
         assert!(read_all(&mut s).await.is_empty());
     });
 }
+
+/// The proxy's hand-over: the login reply goes out only once both sockets are in the map, so
+/// a client that answers it at once (every POP3/IMAP client after its login) always has its
+/// next command relayed by the kernel. With the reply written before the splice, a command
+/// landing between the unread check and the insertion could sit unseen. Repeated, because
+/// that window is narrow.
+#[test]
+fn a_command_sent_right_after_the_login_reply_is_relayed_every_time() {
+    isolated("a_command_sent_right_after_the_login_reply_is_relayed_every_time", |splicer| async move {
+        const ROUNDS: usize = 100;
+        let sl = TcpListener::bind("127.0.0.1:0").await.expect("bind server");
+        let saddr = sl.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let (mut s, _) = sl.accept().await.expect("accept");
+                let mut cmd = [0u8; 6];
+                s.read_exact(&mut cmd).await.expect("server reads the command");
+                assert_eq!(&cmd, b"STAT\r\n");
+                s.write_all(b"+OK 0 0\r\n").await.expect("server answers");
+                s.shutdown().await.expect("server shutdown");
+            }
+        });
+        let pl = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let paddr = pl.local_addr().expect("proxy addr");
+        let proxy_splicer = splicer.clone();
+        let proxy = tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for _ in 0..ROUNDS {
+                let (c, _) = pl.accept().await.expect("accept");
+                let b = TcpStream::connect(saddr).await.expect("connect to server");
+                let options = SpliceOptions { reply_to_client: b"+OK Logged in.\r\n".to_vec(), ..Default::default() };
+                outcomes.push(proxy_splicer.splice(c, b, options).await.expect("spliced"));
+            }
+            outcomes
+        });
+        for round in 0..ROUNDS {
+            let mut c = TcpStream::connect(paddr).await.expect("connect to proxy");
+            let mut reply = [0u8; 16];
+            c.read_exact(&mut reply).await.expect("login reply");
+            assert_eq!(&reply, b"+OK Logged in.\r\n", "round {round}");
+            c.write_all(b"STAT\r\n").await.expect("client sends at once");
+            assert_eq!(read_all(&mut c).await, b"+OK 0 0\r\n", "round {round}: the command went through");
+        }
+        server.await.expect("server");
+        for o in proxy.await.expect("proxy") {
+            assert_eq!((o.client_to_backend, o.backend_to_client, o.userspace_bytes), (6, 9, 0), "{o:?}");
+        }
+        assert_eq!(splicer.spliced_sockets(), 0, "every entry removed");
+    });
+}

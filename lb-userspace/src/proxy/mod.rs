@@ -505,34 +505,38 @@ pub enum RelayEnd {
     Ended,
 }
 
-/// After a successful login: moves bytes between client and back-end, untouched, until both
-/// sides are done or `end` resolves.
+/// After a successful login: writes the owner's success `reply` to the client, then moves
+/// bytes between client and back-end, untouched, until both sides are done or `end` resolves.
 ///
 /// This is the one hand-over point to the kernel splice: with a `splicer` (`relaying =
 /// "sockmap"`), a plaintext client (no TLS to terminate) and nothing buffered on either side
 /// (`client_leftover` is what the client pipelined after its login, `backend_leftover` what
 /// the back-end sent after its success line), both raw `TcpStream`s go to the sockmap and the
-/// bytes flow in the kernel. The splice refuses sockets with unread bytes (the client sent
-/// its next command before the hand-over): those sessions, TLS sessions and sessions with
-/// buffered bytes are copied in userspace.
+/// bytes flow in the kernel. The reply is written only once the sockets are in the map, so
+/// the client's next command cannot arrive before the relay is in place. The splice refuses
+/// sockets with unread bytes: those sessions, TLS sessions and sessions with buffered bytes
+/// are copied in userspace.
 pub async fn relay_logged_in(
     client: ClientStream,
     backend: TcpStream,
+    reply: Vec<u8>,
     client_leftover: Vec<u8>,
     backend_leftover: Vec<u8>,
     splicer: Option<&crate::sockmap::Splicer>,
     end: impl std::future::Future<Output = ()>,
 ) -> (RelayPath, RelayEnd) {
     tokio::pin!(end);
-    let (client, backend) = match (splicer, client) {
+    let (client, backend, reply) = match (splicer, client) {
         (Some(splicer), ClientStream::Plain(c)) if client_leftover.is_empty() && backend_leftover.is_empty() => {
+            let options = crate::sockmap::SpliceOptions { reply_to_client: reply.clone(), ..Default::default() };
             tokio::select! {
-                spliced = splicer.splice(c, backend, crate::sockmap::SpliceOptions::default()) => match spliced {
+                spliced = splicer.splice(c, backend, options) => match spliced {
                     Ok(_) => return (RelayPath::Sockmap, RelayEnd::Closed),
                     Err(e) => {
                         let what = e.to_string();
                         match e.into_streams() {
-                            Some((c, b)) => (ClientStream::Plain(c), b),
+                            // Refused before anything was written: copy, reply first.
+                            Some((c, b)) => (ClientStream::Plain(c), b, reply),
                             None => {
                                 warn!(error = %what, "kernel splice failed; session closed");
                                 return (RelayPath::Sockmap, RelayEnd::Closed);
@@ -544,20 +548,22 @@ pub async fn relay_logged_in(
                 _ = &mut end => return (RelayPath::Sockmap, RelayEnd::Ended),
             }
         }
-        (_, client) => (client, backend),
+        (_, client) => (client, backend, reply),
     };
-    let ended = copy_both(client, backend, client_leftover, backend_leftover, end).await;
+    let ended = copy_both(client, backend, reply, client_leftover, backend_leftover, end).await;
     (RelayPath::Copy, ended)
 }
 
 async fn copy_both(
     mut client: ClientStream,
     mut backend: TcpStream,
+    reply: Vec<u8>,
     client_leftover: Vec<u8>,
     backend_leftover: Vec<u8>,
     end: impl std::future::Future<Output = ()>,
 ) -> RelayEnd {
     let work = async {
+        client.write_all(&reply).await?;
         if !client_leftover.is_empty() {
             backend.write_all(&client_leftover).await?;
         }

@@ -157,15 +157,13 @@ pub(super) async fn serve(proxy: Arc<Proxy>, stream: TcpStream, client: ClientAd
                         pending.extend(dialogue.resume());
                     }
                     LoginResult::LoggedIn { backend, reply, leftover, owner } => {
-                        // The owner's own success reply, with no deadline: the client is in.
-                        if stream.write_all(&reply).await.is_err() {
-                            return;
-                        }
+                        // The owner's own success reply goes out from the relaying (with no
+                        // deadline: the client is in), once the splice is in place.
                         let client_leftover = dialogue.take_leftover();
                         let user = crate::mailbox::normalize(&req.credentials.user);
                         let _registration = proxy.register(&user);
                         let end = proxy.end_signal(user, owner, stop.clone());
-                        let (path, _) = relay_logged_in(stream, backend, client_leftover, leftover, proxy.splicer(), end).await;
+                        let (path, _) = relay_logged_in(stream, backend, reply, client_leftover, leftover, proxy.splicer(), end).await;
                         match path {
                             RelayPath::Copy => proxy.counters.relayed_copy.fetch_add(1, Ordering::Relaxed),
                             RelayPath::Sockmap => proxy.counters.relayed_sockmap.fetch_add(1, Ordering::Relaxed),
