@@ -163,17 +163,19 @@ fn attach_pinned(prog: &mut Xdp, iface: &str, mode: XdpModeSetting, path: &Path)
     if path.exists() {
         let pinned = PinnedLink::from_pin(path).map_err(|e| pin_err(e.to_string()))?;
         let fd_link: FdLink = pinned.into();
-        match XdpLink::try_from(fd_link) {
-            Ok(link) => {
-                prog.attach_to_link(link)
-                    .map_err(|e| DataplaneError::Attach { iface: iface.into(), message: e.to_string() })?;
-                return Ok(Attached::Replaced);
-            }
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "stale pinned link; attaching afresh");
-                std::fs::remove_file(path).map_err(|e| pin_err(e.to_string()))?;
-            }
-        }
+        let stale = match XdpLink::try_from(fd_link) {
+            Ok(link) => match prog.attach_to_link(link) {
+                Ok(_) => return Ok(Attached::Replaced),
+                // The link outlived its interface (deleted, or its namespace gone): the kernel
+                // answers ENOLINK. A new interface may have the same name, or a new namespace
+                // the same inode, so the pin path is taken again: the old pin is stale.
+                Err(e) if has_errno(&e, libc::ENOLINK) => error_chain(&e),
+                Err(e) => return Err(DataplaneError::Attach { iface: iface.into(), message: e.to_string() }),
+            },
+            Err(e) => e.to_string(),
+        };
+        warn!(path = %path.display(), error = %stale, "stale pinned link; attaching afresh");
+        std::fs::remove_file(path).map_err(|e| pin_err(e.to_string()))?;
     }
     let (id, how) = match mode {
         XdpModeSetting::Native => (attach(prog, iface, XdpMode::Driver)?, Attached::Native),
@@ -190,6 +192,18 @@ fn attach_pinned(prog: &mut Xdp, iface: &str, mode: XdpModeSetting, path: &Path)
     let fd_link = FdLink::try_from(link).map_err(|e| pin_err(format!("link cannot be pinned: {e}")))?;
     fd_link.pin(path).map_err(|e| pin_err(e.to_string()))?;
     Ok(how)
+}
+
+/// Whether an OS error `code` is somewhere in `e`'s source chain.
+fn has_errno(e: &(dyn std::error::Error + 'static), code: i32) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) == Some(code) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 fn attach(prog: &mut Xdp, iface: &str, mode: XdpMode) -> Result<aya::programs::xdp::XdpLinkId, DataplaneError> {

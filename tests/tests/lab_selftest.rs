@@ -849,3 +849,37 @@ fn two_mxlb_nodes_share_the_decap_helper() -> anyhow::Result<()> {
     assert!(!std::path::Path::new(&format!("/sys/fs/bpf/{p}-mxlb2")).exists());
     Ok(())
 }
+
+/// A decap link pinned for an interface that has since gone (deleted, or its namespace gone
+/// when a run was killed) is stale: attaching to a new interface with the same pin path
+/// replaces it instead of failing with `bpf_link_update` (ENOLINK).
+#[test]
+fn a_helper_link_left_by_a_vanished_interface_is_replaced() -> anyhow::Result<()> {
+    let test = "a_helper_link_left_by_a_vanished_interface_is_replaced";
+    if !lab::require_root(test) {
+        return Ok(());
+    }
+    let lab = Lab::builder().backends(1).build()?;
+    let ns = lab.backend(1).ns().clone();
+    let mxlb = |args: &[&str]| -> anyhow::Result<String> {
+        let mut c = std::process::Command::new(lab::node::mxlb_bin()?);
+        c.args(["--netns", ns.name()]).args(args);
+        lab::run_checked(&mut c, Duration::from_secs(30))
+    };
+    /// Detaches (removing the pin) however the test ends.
+    struct Detach<'a>(&'a dyn Fn(&[&str]) -> anyhow::Result<String>);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)(&["decap", "detach", "stale0"]);
+        }
+    }
+    let new_veth = || ns.ip(&["link", "add", "stale0", "type", "veth", "peer", "name", "stale1"]).and(ns.ip(&["link", "set", "stale0", "up"]));
+    new_veth()?;
+    mxlb(&["decap", "attach", "stale0", "--mode", "generic"])?;
+    let _detach = Detach(&mxlb);
+    ns.ip(&["link", "del", "stale0"])?;
+    new_veth()?;
+    mxlb(&["decap", "attach", "stale0", "--mode", "generic"])?;
+    assert!(ns.ip(&["-d", "link", "show", "dev", "stale0"])?.contains("xdp"), "the new interface has the decap program");
+    Ok(())
+}
