@@ -555,8 +555,16 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 }
 
 /// Probes `addr` with the `kind` dialogue (over TLS when `tls` is given), all of it bounded by
-/// one deadline `timeout` away; returns how long the dialogue took.
-pub async fn probe(kind: CheckKind, addr: SocketAddr, timeout: Duration, tls: Option<&ProbeTls>) -> Result<Duration, ProbeError> {
+/// one deadline `timeout` away; returns how long the dialogue took. `preamble` is written as
+/// soon as the connection is up, before anything is read: a PROXY protocol header for
+/// listeners that require one (Dovecot's `haproxy = yes` ports behind the mailbox proxy).
+pub async fn probe(
+    kind: CheckKind,
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&ProbeTls>,
+    preamble: &[u8],
+) -> Result<Duration, ProbeError> {
     let start = Instant::now();
     // A timeout too large to add (Duration::MAX) means "no practical bound", not a panic.
     let deadline = start.checked_add(timeout).unwrap_or_else(|| start + Duration::from_secs(365 * 86400));
@@ -567,6 +575,14 @@ pub async fn probe(kind: CheckKind, addr: SocketAddr, timeout: Duration, tls: Op
     };
     // Commands are single small writes; do not let Nagle hold one back behind the last.
     let _ = stream.set_nodelay(true);
+    let mut stream = stream;
+    if !preamble.is_empty() {
+        match timeout_at(deadline, stream.write_all(preamble)).await {
+            Err(_) => return Err(ProbeError::Timeout { stage: Stage::Connect }),
+            Ok(Err(source)) => return Err(ProbeError::Io { stage: Stage::Connect, source }),
+            Ok(Ok(())) => {}
+        }
+    }
     match tls {
         None => converse(stream, kind, start, deadline).await,
         Some(t) => {
@@ -1263,7 +1279,7 @@ mod tests {
 
     /// Runs a probe under [`GUARD`]: the test fails, rather than hangs, if it never returns.
     async fn run(kind: CheckKind, addr: SocketAddr, timeout: Duration) -> Result<Duration, ProbeError> {
-        tokio::time::timeout(GUARD, probe(kind, addr, timeout, None)).await.expect("probe returned within its guard")
+        tokio::time::timeout(GUARD, probe(kind, addr, timeout, None, &[])).await.expect("probe returned within its guard")
     }
 
     async fn client_sent(task: JoinHandle<Vec<String>>) -> Vec<String> {
@@ -1271,6 +1287,39 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(2);
+
+    /// A POP3 server behind a PROXY-protocol listener (Dovecot `haproxy = yes`): it greets
+    /// only after the 16-byte header it expects, and closes on anything else.
+    async fn serve_after_header(header: Vec<u8>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let header = header.clone();
+                tokio::spawn(async move {
+                    let mut got = vec![0u8; header.len()];
+                    match tokio::time::timeout(T, s.read_exact(&mut got)).await {
+                        Ok(Ok(_)) if got == header => {}
+                        _ => return,
+                    }
+                    let _ = s.write_all(b"+OK Dovecot ready.\r\n").await;
+                    let mut rest = [0u8; 64];
+                    let _ = tokio::time::timeout(T, s.read(&mut rest)).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_preamble_opens_a_proxy_protocol_listener() {
+        let header = crate::proxy::backend::proxy_v2_local_header();
+        let addr = serve_after_header(header.clone()).await;
+        let with = tokio::time::timeout(GUARD, probe(CheckKind::Pop3, addr, T, None, &header)).await.expect("guard");
+        assert!(with.is_ok(), "{with:?}");
+        let without = tokio::time::timeout(GUARD, probe(CheckKind::Pop3, addr, Duration::from_millis(300), None, &[])).await.expect("guard");
+        assert!(without.is_err(), "a listener waiting for its header must not pass a bare probe");
+    }
 
     #[tokio::test]
     async fn probe_smtp_ok() {

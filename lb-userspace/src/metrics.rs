@@ -266,7 +266,7 @@ impl Collector for ProxyCollector {
             let me = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(n).encode(me)?;
         }
-        let mut me = encoder.encode_descriptor("proxy_relayed", "Logged-in sessions relayed, by path", None, MetricType::Counter)?;
+        let mut me = encoder.encode_descriptor("proxy_relayed", "Logged-in sessions relayed to their end, by path (sockmap: kernel splice; copy: userspace)", None, MetricType::Counter)?;
         for (path, n) in [("copy", s.relayed_copy), ("sockmap", s.relayed_sockmap)] {
             ConstCounter::new(n).encode(me.encode_family(&[("path", path)])?)?;
         }

@@ -43,6 +43,11 @@ pub struct Target {
     /// A VIP-path probe (`addr` is then VIP:port): a SYN sent through this back-end the way the
     /// data path forwards (`ipip`: encapsulated), see [`crate::vippath`].
     pub via: Option<Via>,
+    /// Send a PROXY v2 `LOCAL` header first: the mailbox proxy's back-end ports with
+    /// `pass_client = "proxy-v2"` are Dovecot `haproxy = yes` listeners, which refuse a
+    /// connection that does not start with one (LOCAL: "a health check, use the real
+    /// addresses", as HAProxy's own checks send).
+    pub proxy_header: bool,
 }
 
 /// The back-end a VIP-path probe goes through.
@@ -58,7 +63,8 @@ impl Target {
         if self.via.is_some() {
             return "vip-path".into();
         }
-        format!("{}{}", self.kind.as_str(), if self.tls { "s" } else { "" })
+        let proxied = if self.proxy_header { "+proxy-v2" } else { "" };
+        format!("{}{}{proxied}", self.kind.as_str(), if self.tls { "s" } else { "" })
     }
 }
 
@@ -80,7 +86,7 @@ pub fn targets(desired: &Desired) -> BTreeSet<Target> {
         let Some(port) = v.ports.first() else { continue };
         for name in &v.backends {
             if let Some(b) = c.backend(name) {
-                out.insert(Target { backend: name.clone(), kind, addr: SocketAddr::new(b.address, *port), tls, via: None });
+                out.insert(Target { backend: name.clone(), kind, addr: SocketAddr::new(b.address, *port), tls, via: None, proxy_header: false });
                 // In DSR modes real traffic reaches the back-end addressed to the VIP: check
                 // that path too (VIP on its loopback, decapsulation, a listener on the VIP).
                 if matches!(v.mode, ForwardingMode::DsrL2 | ForwardingMode::DsrIpip) {
@@ -90,6 +96,7 @@ pub fn targets(desired: &Desired) -> BTreeSet<Target> {
                         addr: SocketAddr::new(v.address, *port),
                         tls: false,
                         via: Some(Via { backend: b.address, ipip: v.mode == ForwardingMode::DsrIpip }),
+                        proxy_header: false,
                     });
                 }
             }
@@ -105,7 +112,20 @@ pub fn targets(desired: &Desired) -> BTreeSet<Target> {
         for name in &r.delivery.backends {
             if let Some(b) = c.backend(name) {
                 let addr = SocketAddr::new(b.address, r.delivery.port());
-                out.insert(Target { backend: name.clone(), kind, addr, tls: false, via: None });
+                out.insert(Target { backend: name.clone(), kind, addr, tls: false, via: None, proxy_header: false });
+            }
+        }
+    }
+    // The mailbox proxy's owners, on the ports it logs users in to: the mailbox map follows
+    // these verdicts (a down owner's users get "try later" instead of a connection error).
+    if let (Some(p), Some(m)) = (&c.proxy, &c.mailbox) {
+        let proxy_header = p.pass_client == crate::config::proxy::PassClient::ProxyV2;
+        for name in &m.backends {
+            if let Some(b) = c.backend(name) {
+                for (kind, port) in [(CheckKind::Pop3, p.backend_pop3_port), (CheckKind::Imap, p.backend_imap_port)] {
+                    let addr = SocketAddr::new(b.address, port);
+                    out.insert(Target { backend: name.clone(), kind, addr, tls: false, via: None, proxy_header });
+                }
             }
         }
     }
@@ -390,6 +410,8 @@ struct ProbeCtx {
 
 async fn probe_loop(target: Target, interval: Duration, offset: Duration, ctx: ProbeCtx, tx: mpsc::Sender<Report>) {
     let (timeout, tls) = (ctx.timeout, &ctx.tls);
+    let preamble = if target.proxy_header { crate::proxy::backend::proxy_v2_local_header() } else { Vec::new() };
+    let preamble = preamble.as_slice();
     tokio::time::sleep(offset).await;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -397,12 +419,80 @@ async fn probe_loop(target: Target, interval: Duration, offset: Duration, ctx: P
         tick.tick().await;
         let result = match (&target.via, target.tls, tls) {
             (Some(via), _, _) => vip_path(&target, via, &ctx).await,
-            (None, false, _) => health::probe(target.kind, target.addr, timeout, None).await,
-            (None, true, Some(t)) => health::probe(target.kind, target.addr, timeout, Some(t)).await,
+            (None, false, _) => health::probe(target.kind, target.addr, timeout, None, preamble).await,
+            (None, true, Some(t)) => health::probe(target.kind, target.addr, timeout, Some(t), preamble).await,
             (None, true, None) => Err(ProbeError::Io { stage: health::Stage::Tls, source: std::io::Error::other("no usable TLS settings") }),
         };
         if tx.send(Report::Probe { target: target.clone(), result }).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const PROXIED: &str = r#"
+[node]
+interfaces = ["eth0"]
+
+[[backend]]
+name = "mail1"
+address = "198.18.0.11"
+
+[[backend]]
+name = "mail2"
+address = "198.18.0.12"
+
+[[vip]]
+name = "mail"
+address = "198.18.0.100"
+ports = [110, 143, 993, 995]
+mode = "local"
+
+[mailbox]
+backends = ["mail1", "mail2"]
+
+[proxy]
+vip = "mail"
+pop3s = []
+imaps = []
+backend_pop3_port = 10110
+backend_imap_port = 10143
+"#;
+
+    fn targets_of(toml: &str) -> Vec<Target> {
+        targets(&Desired::new(Config::parse(toml, "t.toml").unwrap())).into_iter().collect()
+    }
+
+    #[test]
+    fn the_proxys_owners_are_probed_on_its_back_end_ports_with_a_proxy_header() {
+        let t = targets_of(PROXIED);
+        let probed: Vec<(String, String, SocketAddr)> = t.iter().map(|t| (t.backend.clone(), t.check_name(), t.addr)).collect();
+        let want = |b: &str, check: &str, addr: &str| (b.to_string(), check.to_string(), addr.parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            probed,
+            vec![
+                want("mail1", "pop3+proxy-v2", "198.18.0.11:10110"),
+                want("mail1", "imap+proxy-v2", "198.18.0.11:10143"),
+                want("mail2", "pop3+proxy-v2", "198.18.0.12:10110"),
+                want("mail2", "imap+proxy-v2", "198.18.0.12:10143"),
+            ]
+        );
+    }
+
+    #[test]
+    fn with_imap_id_the_owners_are_probed_without_a_header() {
+        let t = targets_of(&PROXIED.replace("backend_imap_port = 10143", "backend_imap_port = 10143\npass_client = \"imap-id\""));
+        assert_eq!(t.len(), 4);
+        assert!(t.iter().all(|t| !t.proxy_header && !t.tls && t.via.is_none()), "{t:?}");
+    }
+
+    #[test]
+    fn without_a_proxy_mailbox_back_ends_are_not_probed_for_it() {
+        let no_proxy = &PROXIED[..PROXIED.find("[proxy]").unwrap()];
+        assert!(targets_of(no_proxy).is_empty());
     }
 }

@@ -38,9 +38,10 @@ pub struct ProxyConfig {
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
     /// How the back-end learns the client's address: a PROXY protocol v2 header (Dovecot
-    /// `haproxy = yes` listeners, `haproxy_trusted_networks`), IMAP `ID ("x-originating-ip"
-    /// ...)` as Dovecot's own proxy sends (`login_trusted_networks`; POP3 gets nothing), or
-    /// not at all.
+    /// `haproxy = yes` listeners, `haproxy_trusted_networks`); `imap-id`: what Dovecot's own
+    /// proxy sends to back-ends that list it in `login_trusted_networks`, IMAP `ID
+    /// ("x-originating-ip" ...)` and POP3 `XCLIENT ADDR=... PORT=...` (when the greeting
+    /// offers `[XCLIENT]`); or not at all.
     #[serde(default)]
     pub pass_client: PassClient,
     /// After login: `sockmap` (kernel splice where possible, see `proxy::relay_logged_in`)

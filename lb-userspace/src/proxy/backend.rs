@@ -50,6 +50,17 @@ pub fn proxy_v2_header(client: ClientAddrs) -> Result<Vec<u8>, String> {
     Builder::with_addresses(Version::Two | Command::Proxy, PpProtocol::Stream, (peer, local)).build().map_err(|e| e.to_string())
 }
 
+/// The PROXY protocol v2 `LOCAL` header: a connection of the proxy's own (a health probe),
+/// carrying no client address.
+pub fn proxy_v2_local_header() -> Vec<u8> {
+    use ppp::v2::{Addresses, Builder, Command, Protocol as PpProtocol, Version};
+    // The fixed 16-byte header; building it cannot fail (no addresses, no TLVs), but the
+    // builder's API is fallible, so fall back to the same bytes written out.
+    Builder::with_addresses(Version::Two | Command::Local, PpProtocol::Unspecified, Addresses::Unspecified)
+        .build()
+        .unwrap_or_else(|_| [&ppp::v2::PROTOCOL_PREFIX[..], &[0x20, 0x00, 0x00, 0x00]].concat())
+}
+
 /// The IMAP `ID` command Dovecot's proxy sends to pass the client's address on (honoured by
 /// back-ends that list the proxy in `login_trusted_networks`).
 pub fn imap_id_command(tag: &str, client: ClientAddrs) -> String {
@@ -123,7 +134,7 @@ pub async fn login(
         }
         let mut lines = Lines { buf: Vec::new() };
         match protocol {
-            Protocol::Pop3 => pop3(&mut stream, &mut lines, req).await,
+            Protocol::Pop3 => pop3(&mut stream, &mut lines, pass, client, req).await,
             Protocol::Imap => imap(&mut stream, &mut lines, pass, client, req).await,
         }
         .map(|(reply, ok, auth_failure)| (reply, ok, auth_failure, std::mem::take(&mut lines.buf)))
@@ -136,11 +147,25 @@ pub async fn login(
     }
 }
 
+/// The POP3 `XCLIENT` command Dovecot's proxy sends to pass the client's address on, when the
+/// back-end's greeting offers it (`+OK [XCLIENT] ...`, to hosts in its
+/// `login_trusted_networks`).
+pub fn pop3_xclient_command(client: ClientAddrs) -> String {
+    format!("XCLIENT ADDR={} PORT={}\r\n", client.peer.ip(), client.peer.port())
+}
+
 /// The POP3 replay: `(reply, logged in, wrong credentials)`.
-async fn pop3(s: &mut TcpStream, lines: &mut Lines, req: &LoginRequest) -> Result<(Vec<u8>, bool, bool), String> {
+async fn pop3(s: &mut TcpStream, lines: &mut Lines, pass: PassClient, client: ClientAddrs, req: &LoginRequest) -> Result<(Vec<u8>, bool, bool), String> {
     let greeting = lines.next(s).await?;
     if !greeting.starts_with(b"+OK") {
         return Err(format!("greeting {:?}", String::from_utf8_lossy(&greeting).trim_end()));
+    }
+    if pass == PassClient::ImapId && greeting.starts_with(b"+OK [XCLIENT]") {
+        send(s, pop3_xclient_command(client).as_bytes()).await?;
+        let r = lines.next(s).await?;
+        if !r.starts_with(b"+OK") {
+            return Err(format!("XCLIENT answered {:?}", String::from_utf8_lossy(&r).trim_end()));
+        }
     }
     let c = &req.credentials;
     let final_reply = match req.method {
@@ -227,6 +252,21 @@ async fn imap(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_xclient_command_names_the_client() {
+        let c = ClientAddrs { peer: "[2001:db8::5]:40000".parse().unwrap(), local: "[2001:db8::100]:110".parse().unwrap() };
+        assert_eq!(pop3_xclient_command(c), "XCLIENT ADDR=2001:db8::5 PORT=40000\r\n");
+    }
+
+    #[test]
+    fn the_probe_header_is_a_local_command_without_addresses() {
+        let h = proxy_v2_local_header();
+        let parsed = ppp::v2::Header::try_from(h.as_slice()).unwrap();
+        assert_eq!(parsed.command, ppp::v2::Command::Local);
+        assert_eq!(parsed.addresses, ppp::v2::Addresses::Unspecified);
+        assert_eq!(h.len(), 16, "signature, version/command, family, length 0");
+    }
 
     #[test]
     fn proxy_v2_headers_carry_the_client_and_the_vip() {
