@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
     AddrFamily, Lab, SinkOpts, SmtpSink,
@@ -117,6 +117,19 @@ pub struct RelayOpts {
     pub mirrored: bool,
 }
 
+/// A node's Prometheus metrics at `addr`, fetched from the lab client's namespace.
+pub fn scrape_metrics(lab: &Lab, addr: SocketAddr) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    lab.client().ns().run(move || -> Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lb\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })?
+}
+
 /// Where LB `k` serves `/metrics` in the relay scenario.
 pub fn metrics_addr(lab: &Lab, k: usize) -> SocketAddr {
     SocketAddr::new(lab.lb_n(k).v4().into(), 9464)
@@ -155,19 +168,7 @@ pub fn relay_toml(lab: &Lab, k: usize, certs: &RelayCerts, spool: &Path, opts: &
         s += &vrrp.toml();
         s += "\n";
     }
-    s += &format!(
-        "[relay]\nvip = \"relay\"\nnode_name = \"lb{k}\"\nhostname = \"mx.{DOMAIN}\"\nspool_dir = \"{spool}\"\n\
-         domains = [{domains}]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntls_client_ca = \"{ca}\"\n{extra}\n\n\
-         [relay.delivery]\nbackends = [{backends}]\nprotocol = \"{proto}\"\n{dextra}\n\n",
-        spool = spool.display(),
-        cert = certs.server.cert.display(),
-        key = certs.server.key.display(),
-        ca = certs.ca.display(),
-        domains = opts.domains.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", "),
-        extra = opts.relay_extra,
-        proto = opts.protocol,
-        dextra = opts.delivery_extra,
-    );
+    s += &relay_section(lab, k, "relay", certs, spool, opts);
     if let Some(extra) = &opts.mailbox {
         s += &format!("[mailbox]\nbackends = [{backends}]\n{extra}\n\n");
     }
@@ -188,6 +189,25 @@ pub fn relay_toml(lab: &Lab, k: usize, certs: &RelayCerts, spool: &Path, opts: &
         );
     }
     s
+}
+
+/// The `[relay]` and `[relay.delivery]` sections of LB `k` for the VIP named `vip` (partly
+/// from `opts`: protocol, domains, extra keys); delivery to every back-end of the lab.
+pub fn relay_section(lab: &Lab, k: usize, vip: &str, certs: &RelayCerts, spool: &Path, opts: &RelayOpts) -> String {
+    let backends = (1..=lab.backends().len()).map(|i| format!("\"b{i}\"")).collect::<Vec<_>>().join(", ");
+    format!(
+        "[relay]\nvip = \"{vip}\"\nnode_name = \"lb{k}\"\nhostname = \"mx.{DOMAIN}\"\nspool_dir = \"{spool}\"\n\
+         domains = [{domains}]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntls_client_ca = \"{ca}\"\n{extra}\n\n\
+         [relay.delivery]\nbackends = [{backends}]\nprotocol = \"{proto}\"\n{dextra}\n\n",
+        spool = spool.display(),
+        cert = certs.server.cert.display(),
+        key = certs.server.key.display(),
+        ca = certs.ca.display(),
+        domains = opts.domains.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", "),
+        extra = opts.relay_extra,
+        proto = opts.protocol,
+        dextra = opts.delivery_extra,
+    )
 }
 
 /// One or two relay nodes on the lab (LB 1 master when `vrrp`). Dropped before the lab.
@@ -268,16 +288,7 @@ impl<'a> RelayPair<'a> {
 
     /// LB `k`'s Prometheus metrics (fetched from the client's namespace).
     pub fn metrics(&self, k: usize) -> Result<String> {
-        use std::io::{Read as _, Write as _};
-        let addr = metrics_addr(self.lab, k);
-        self.lab.client().ns().run(move || -> Result<String> {
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lb\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })?
+        scrape_metrics(self.lab, metrics_addr(self.lab, k))
     }
 
     /// Queue ids in LB `k`'s spool area (`queue` or `replica`), read from the file names.
@@ -490,6 +501,86 @@ mod tests {
         assert_eq!(r.lost, vec!["0005f1a2b3c4d5e6aabbccde"]);
         assert_eq!(r.duplicates, 1);
     }
+}
+
+/// A message that tests a mail transport's transparency: lines that need dot-stuffing (a
+/// leading dot, two dots, a line of only a dot), 8-bit UTF-8, a 900-byte line, spaces and
+/// tabs at the edges. Without a final CRLF (the end of data adds it).
+pub fn transport_test_message(to: &str, subject: &str, message_id: &str) -> Vec<u8> {
+    let long: String = (0..900).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let lines: Vec<String> = vec![
+        "From: Sender <sender@example.com>".into(),
+        format!("To: <{to}>"),
+        format!("Subject: {subject}"),
+        format!("Message-ID: <{message_id}>"),
+        "MIME-Version: 1.0".into(),
+        "Content-Type: text/plain; charset=utf-8".into(),
+        "Content-Transfer-Encoding: 8bit".into(),
+        String::new(),
+        ".a line starting with a dot".into(),
+        "..two dots".into(),
+        ".".into(),
+        "the line before was a single dot".into(),
+        "8-bit: h\u{e9}llo w\u{f6}rld \u{2014} \u{65e5}\u{672c}\u{8a9e} \u{2709}".into(),
+        long,
+        "  leading and trailing spaces  ".into(),
+        "\ttab first".into(),
+        String::new(),
+        "last line".into(),
+    ];
+    lines.join("\r\n").into_bytes()
+}
+
+/// Dot-stuffing as a client does it: a line starting with `.` gets one more.
+pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len() + 16);
+    let mut at_line_start = true;
+    for &b in content {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    out
+}
+
+/// One transaction on an open session (after EHLO): MAIL (with `params`), RCPTs, DATA, the
+/// content (dot-stuffed here) and the end of data. The content must not end with CRLF (the
+/// end-of-data sequence adds it). Returns the final reply.
+pub fn transaction(c: &mut RawSmtp, from: &str, params: &str, rcpts: &[&str], content: &[u8]) -> Result<SmtpReply> {
+    let r = c.cmd(&format!("MAIL FROM:<{from}>{params}"))?;
+    ensure!(r.code == 250, "MAIL: {r:?}");
+    for rcpt in rcpts {
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>"))?;
+        ensure!(r.code == 250, "RCPT {rcpt}: {r:?}");
+    }
+    let r = c.cmd("DATA")?;
+    ensure!(r.code == 354, "DATA: {r:?}");
+    c.send(&dot_stuff(content))?;
+    c.send(b"\r\n.\r\n")?;
+    c.reply()
+}
+
+/// Sends each `(from, rcpts, content)` as one message in one session from the lab client;
+/// returns the queue ids the relay acknowledged, in order.
+pub fn send_all(lab: &Lab, vip: SocketAddr, msgs: Vec<(String, Vec<String>, Vec<u8>)>) -> Result<Vec<String>> {
+    lab.client().ns().run(move || -> Result<Vec<String>> {
+        let (mut c, greeting) = RawSmtp::connect(vip)?;
+        ensure!(greeting.code == 220, "greeting {greeting:?}");
+        let r = c.cmd("EHLO client.example.com")?;
+        ensure!(r.code == 250, "EHLO: {r:?}");
+        let mut ids = Vec::new();
+        for (from, rcpts, content) in &msgs {
+            let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+            let params = if content.is_ascii() { "" } else { " BODY=8BITMIME" };
+            let r = transaction(&mut c, from, params, &rcpts, content)?;
+            ensure!(r.code == 250, "end of data: {r:?}");
+            ids.push(r.queue_id().with_context(|| format!("no queue id in {r:?}"))?);
+        }
+        let _ = c.cmd("QUIT");
+        Ok(ids)
+    })?
 }
 
 /// A blocking SMTP client for scripted sessions (run it inside the client's namespace with

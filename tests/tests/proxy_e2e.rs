@@ -1,19 +1,23 @@
 //! The POP3/IMAP proxy against real Dovecot back-ends: every login method, in clear, after
 //! STARTTLS/STLS and over implicit TLS, over IPv4 and IPv6, lands on the user's own back-end
 //! with the client's address (Dovecot's `Login:` log line, `rip=` via PROXY v2); failures
-//! look alike; a down owner gets "try later"; hostile clients are bounded.
+//! look alike; a down owner gets "try later"; hostile clients are bounded. Mail the relay
+//! takes on the same VIP's port 25 reads back through the proxy byte for byte; a mailbox
+//! move ends the user's open sessions and sends the next one to the new owner; with
+//! `pass_client = "imap-id"` the owners see the client's address on their normal ports.
 //!
 //! The tests take turns ([`serial`]); each builds its own lab. Needs root; skips locally
 //! otherwise, fails under CI=true.
 use std::{
     sync::{Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use lab::{
     AddrFamily,
-    proxy::{MailClient, ProxyLab, USERS, plain},
+    proxy::{MailClient, ProxyLab, ProxyOpts, USERS, imap_quoted, inbox, plain},
+    relay::{DOMAIN, metric, send_all, transport_test_message},
 };
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -22,10 +26,6 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 /// An IMAP quoted string.
-fn q(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 #[test]
 fn every_login_method_lands_on_the_owner_with_the_client_address() -> Result<()> {
     if !lab::require_root("every_login_method_lands_on_the_owner_with_the_client_address") {
@@ -85,7 +85,7 @@ fn every_login_method_lands_on_the_owner_with_the_client_address() -> Result<()>
                 let mut c = MailClient::connect(imap, None)?;
                 let g = c.line()?.unwrap_or_default();
                 ensure!(g.starts_with("* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN]"), "{g}");
-                c.send(format!("a1 LOGIN {} {{{}}}\r\n", q(&user), pw.len()).as_bytes())?;
+                c.send(format!("a1 LOGIN {} {{{}}}\r\n", imap_quoted(&user), pw.len()).as_bytes())?;
                 ensure!(c.line()?.as_deref() == Some("+ OK"), "literal continuation");
                 c.send(format!("{pw}\r\n").as_bytes())?;
                 let r = c.until_tagged("a1")?;
@@ -170,11 +170,21 @@ fn failures_look_alike_and_a_down_owner_means_try_later() -> Result<()> {
         let a = c.cmd(&format!("PASS {pw}"))?;
         let mut c = MailClient::connect(imap, None)?;
         c.line()?;
-        let b = c.imap("t", &format!("LOGIN {user} {}", q(pw)))?.join("\n");
+        let b = c.imap("t", &format!("LOGIN {user} {}", imap_quoted(pw)))?.join("\n");
         Ok((a, b))
     })?;
     assert_eq!(down.0, "-ERR [SYS/TEMP] Account is temporarily unavailable.");
     assert_eq!(down.1, "t NO [UNAVAILABLE] Account is temporarily unavailable.");
+
+    // The prober watches the owners on the ports the proxy logs in to (PROXY v2 listeners,
+    // probed with a LOCAL header): the mailbox map learns that carol's owner is down, while
+    // alice's, probed as often over the same kind of listener, stays up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.owner_healthy("carol")? {
+        ensure!(Instant::now() < deadline, "carol's owner never went down in the mailbox map\nLB log:\n{}", p.node.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(p.owner_healthy("alice")?, "alice's owner was marked down: its probe fails against a healthy Dovecot\n{}", p.node.log());
     Ok(())
 }
 
@@ -231,5 +241,204 @@ fn hostile_clients_are_answered_and_closed() -> Result<()> {
     let status = p.node.cli(&["status"])?;
     let line = status.lines().find(|l| l.starts_with("proxy:")).unwrap_or_default().to_string();
     assert!(line.contains("10 failed, 7 slowed, 41 blocked"), "{line}");
+    Ok(())
+}
+
+/// The transport test message for `user`, distinct per user.
+fn message_for(user: &str) -> Vec<u8> {
+    transport_test_message(user, &format!("for {user}"), &format!("{user}.proxy@example.com"))
+}
+
+/// Waits (bounded) until `user`'s INBOX on back-end `i`, read there directly, holds one message.
+fn wait_delivered(lab: &lab::Lab, i: usize, user: &str, pw: &str) -> Result<Vec<u8>> {
+    let addr: std::net::SocketAddr = "127.0.0.1:143".parse()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (u, p) = (user.to_string(), pw.to_string());
+        let mut inbox = lab.backend(i).ns().run(move || inbox(addr, &u, &p))??;
+        ensure!(inbox.len() <= 1, "{user} got {} messages on b{i}", inbox.len());
+        if let Some(m) = inbox.pop() {
+            return Ok(m);
+        }
+        ensure!(Instant::now() < deadline, "nothing reached {user} on b{i} within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits (bounded) until the node's metrics satisfy `ok` (counters of sessions are updated
+/// as the proxy finishes with them, a moment after the client sees the end).
+fn wait_metrics(p: &ProxyLab, what: &str, ok: impl Fn(&str) -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = p.metrics()?;
+        if ok(&m) {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}; metrics:\n{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `name{labels}` in a metrics text, 0 when absent.
+fn counter(metrics: &str, name: &str) -> f64 {
+    metric(metrics, name).unwrap_or(0.0)
+}
+
+#[test]
+fn mail_to_port_25_reads_back_through_the_proxy_with_identical_bytes() -> Result<()> {
+    if !lab::require_root("mail_to_port_25_reads_back_through_the_proxy_with_identical_bytes") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let lab = ProxyLab::lab()?;
+    // The relay and the proxy share the IPv4 VIP: 25 for the relay, 110/143/993/995 for the
+    // proxy; one mailbox map routes both.
+    let users: Vec<(String, String, usize)> = USERS.iter().map(|(u, pw, i)| (format!("{u}@{DOMAIN}"), pw.to_string(), *i)).collect();
+    let p = ProxyLab::start_with(&lab, ProxyOpts { users: users.clone(), relay: true, ..Default::default() })?;
+    let msgs: Vec<(String, Vec<String>, Vec<u8>)> = users.iter().map(|(u, _, _)| ("sender@example.com".to_string(), vec![u.clone()], message_for(u))).collect();
+    send_all(&lab, p.vip(AddrFamily::V4, 25), msgs)?;
+
+    for (user, pw, i) in &users {
+        let stored = wait_delivered(&lab, *i, user, pw).with_context(|| format!("LB log:\n{}", p.node.log()))?;
+        let sent = [message_for(user), b"\r\n".to_vec()].concat();
+        ensure!(stored.ends_with(&sent), "{user}'s message on b{i} does not end with what was sent:\n{}", String::from_utf8_lossy(&stored));
+        // Through the proxy: IMAP in clear (kernel-spliced) and POP3 over implicit TLS (copied).
+        let (imap, pop3s) = (p.vip(AddrFamily::V4, 143), p.vip(AddrFamily::V4, 995));
+        let (u, pw) = (user.clone(), pw.clone());
+        let (via_imap, via_pop3) = p.client(move |tls| -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+            let via_imap = inbox(imap, &u, &pw)?;
+            let mut c = MailClient::connect(pop3s, Some(tls))?;
+            c.line()?;
+            ensure!(c.cmd(&format!("USER {u}"))?.starts_with("+OK"));
+            ensure!(c.cmd(&format!("PASS {pw}"))?.starts_with("+OK"));
+            let r = c.cmd("RETR 1")?;
+            ensure!(r.starts_with("+OK"), "RETR 1: {r}");
+            let body = c.pop3_body()?;
+            c.cmd("QUIT")?;
+            Ok((via_imap, body))
+        })?;
+        ensure!(via_imap.len() == 1 && via_imap[0] == stored, "IMAP through the proxy differs from b{i}'s copy for {user}:\n{:?}", via_imap.iter().map(|m| String::from_utf8_lossy(m)).collect::<Vec<_>>());
+        ensure!(via_pop3 == stored, "POP3 through the proxy differs from b{i}'s copy for {user}:\n{}", String::from_utf8_lossy(&via_pop3));
+        let client = p.client_ip(AddrFamily::V4);
+        ensure!(p.logins(*i, user, client) == 2, "{user}: {} logins from the client on b{i}", p.logins(*i, user, client));
+    }
+    for (user, _, i) in &users {
+        for other in (1..=3).filter(|o| o != i) {
+            ensure!(p.logins(other, user, p.client_ip(AddrFamily::V4)) == 0, "{user} reached b{other}");
+        }
+    }
+    // Plaintext sessions went through the kernel splice, TLS ones through userspace copying.
+    wait_metrics(&p, "3 spliced and 3 copied sessions", |m| {
+        counter(m, "mxlb_proxy_relayed_total{path=\"sockmap\"}") == 3.0 && counter(m, "mxlb_proxy_relayed_total{path=\"copy\"}") == 3.0
+    })
+}
+
+#[test]
+fn a_mailbox_move_ends_open_sessions_and_the_next_login_reaches_the_new_owner() -> Result<()> {
+    if !lab::require_root("a_mailbox_move_ends_open_sessions_and_the_next_login_reaches_the_new_owner") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let lab = ProxyLab::lab()?;
+    let p = ProxyLab::start(&lab, "")?;
+    let (user, pw, _) = USERS[0];
+    // alice lives on b1; her mailbox is being copied to b2, which therefore knows her too.
+    p.dovecots[1].add_user(user, pw)?;
+    let (imap, pop3s) = (p.vip(AddrFamily::V4, 143), p.vip(AddrFamily::V4, 995));
+    let (mut spliced, mut copied) = p.client(move |tls| -> Result<(MailClient, MailClient)> {
+        let mut a = MailClient::connect(imap, None)?;
+        a.line()?;
+        a.imap("a", &format!("LOGIN {user} {}", imap_quoted(pw)))?;
+        let sel = a.imap("b", "SELECT INBOX")?;
+        ensure!(sel.last().is_some_and(|l| l.starts_with("b OK")), "{sel:?}");
+        let mut b = MailClient::connect(pop3s, Some(tls))?;
+        b.line()?;
+        b.cmd(&format!("USER {user}"))?;
+        ensure!(b.cmd(&format!("PASS {pw}"))?.starts_with("+OK"));
+        ensure!(b.cmd("STAT")?.starts_with("+OK"));
+        Ok((a, b))
+    })?;
+    let m = p.metrics()?;
+    ensure!(counter(&m, "mxlb_proxy_active_sessions") == 2.0, "metrics:\n{m}");
+
+    let out = p.node.cli(&["mailbox", "move", user, "b2"])?;
+    ensure!(out.contains("b2"), "mailbox move said: {out}");
+    // Both open sessions are closed by the proxy (the client sees the connection end; a
+    // reconnecting client reaches the new owner).
+    for (name, c) in [("spliced IMAP", &mut spliced), ("copied POP3S", &mut copied)] {
+        let mut after = Vec::new();
+        while let Some(l) = c.line().with_context(|| format!("the {name} session was not ended"))? {
+            after.push(l);
+            ensure!(after.len() < 5, "the {name} session goes on after the move: {after:?}");
+        }
+    }
+    // Ended sessions are counted by the path that relayed them: the clear one was spliced.
+    wait_metrics(&p, "2 sessions ended by the move, 1 spliced and 1 copied", |m| {
+        counter(m, "mxlb_proxy_ended_by_move_total") == 2.0
+            && counter(m, "mxlb_proxy_relayed_total{path=\"sockmap\"}") == 1.0
+            && counter(m, "mxlb_proxy_relayed_total{path=\"copy\"}") == 1.0
+    })?;
+    let w: serde_json::Value = serde_json::from_str(&p.node.cli(&["mailbox", "where", user, "--json"])?)?;
+    ensure!(w["owner"]["backend"] == "b2" && w["owner"]["source"] == "table", "{w}");
+
+    p.client(move |_| -> Result<()> {
+        let mut c = MailClient::connect(imap, None)?;
+        c.line()?;
+        let r = c.imap("a", &format!("LOGIN {user} {}", imap_quoted(pw)))?;
+        ensure!(r.last().is_some_and(|l| l.starts_with("a OK")), "{r:?}");
+        c.imap("b", "LOGOUT")?;
+        Ok(())
+    })?;
+    let client = p.client_ip(AddrFamily::V4);
+    ensure!(p.logins(2, user, client) == 1, "the login after the move did not reach b2:\n{}", p.dovecots[1].log());
+    ensure!(p.logins(1, user, client) == 2, "b1 saw other than the two sessions before the move:\n{}", p.dovecots[0].log());
+    Ok(())
+}
+
+#[test]
+fn with_imap_id_the_owners_see_the_client_on_their_normal_ports() -> Result<()> {
+    if !lab::require_root("with_imap_id_the_owners_see_the_client_on_their_normal_ports") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let lab = ProxyLab::lab()?;
+    let p = ProxyLab::start_with(&lab, ProxyOpts { pass_client: "imap-id", ..Default::default() })?;
+    let (imap, pop3) = (p.vip(AddrFamily::V4, 143), p.vip(AddrFamily::V6, 110));
+    p.client(move |_| -> Result<()> {
+        for (user, pw, _) in USERS {
+            let mut c = MailClient::connect(imap, None)?;
+            c.line()?;
+            let r = c.imap("a", &format!("LOGIN {} {}", imap_quoted(user), imap_quoted(pw)))?;
+            ensure!(r.last().is_some_and(|l| l.starts_with("a OK")), "{user}: {r:?}");
+            c.imap("b", "LOGOUT")?;
+            let mut c = MailClient::connect(pop3, None)?;
+            c.line()?;
+            c.cmd(&format!("USER {user}"))?;
+            let r = c.cmd(&format!("PASS {pw}"))?;
+            ensure!(r.starts_with("+OK"), "{user}: {r}");
+            c.cmd("QUIT")?;
+        }
+        Ok(())
+    })?;
+    // IMAP by ID, POP3 by XCLIENT: each owner logs the client's own address (v4 and v6).
+    for (user, _, i) in USERS {
+        for fam in [AddrFamily::V4, AddrFamily::V6] {
+            let client = p.client_ip(fam);
+            ensure!(p.logins(i, user, client) == 1, "{user} on b{i} with rip={client}:\n{}", p.dovecots[i - 1].log());
+        }
+    }
+    // The owners are probed on the same normal ports, without a PROXY header: the probes pass.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = p.metrics()?;
+        let passed = |b: &str, check: &str| counter(&m, &format!("mxlb_probe_duration_seconds_count{{backend=\"{b}\",check=\"{check}\"}}"));
+        let failed: f64 = ["b1", "b2", "b3"].iter().flat_map(|b| ["pop3", "imap"].map(|c| counter(&m, &format!("mxlb_probe_failures_total{{backend=\"{b}\",check=\"{c}\"}}")))).sum();
+        ensure!(failed == 0.0, "probes of the owners failed:\n{m}");
+        if ["b1", "b2", "b3"].iter().all(|b| passed(b, "pop3") >= 2.0 && passed(b, "imap") >= 2.0) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the owners were not probed on 110/143:\n{m}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     Ok(())
 }

@@ -19,7 +19,8 @@ use lab::{
     Lab, SinkOpts, SmtpSink,
     dovecot::Dovecot,
     postfix::PostfixRelay,
-    relay::{DumpSinks, RawSmtp, RelayOpts, RelayPair, SmtpReply, relay_lab},
+    proxy::inbox,
+    relay::{DumpSinks, RawSmtp, RelayOpts, RelayPair, SmtpReply, relay_lab, send_all, transport_test_message},
 };
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -29,58 +30,6 @@ fn serial() -> MutexGuard<'static, ()> {
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// Dot-stuffing as a client does it: a line starting with `.` gets one more.
-fn dot_stuff(content: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(content.len() + 16);
-    let mut at_line_start = true;
-    for &b in content {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-    }
-    out
-}
-
-/// One transaction on an open session (after EHLO): MAIL (with `params`), RCPTs, DATA, the
-/// content (dot-stuffed here) and the end of data. The content must not end with CRLF (the
-/// end-of-data sequence adds it). Returns the final reply.
-fn transaction(c: &mut RawSmtp, from: &str, params: &str, rcpts: &[&str], content: &[u8]) -> Result<SmtpReply> {
-    let r = c.cmd(&format!("MAIL FROM:<{from}>{params}"))?;
-    ensure!(r.code == 250, "MAIL: {r:?}");
-    for rcpt in rcpts {
-        let r = c.cmd(&format!("RCPT TO:<{rcpt}>"))?;
-        ensure!(r.code == 250, "RCPT {rcpt}: {r:?}");
-    }
-    let r = c.cmd("DATA")?;
-    ensure!(r.code == 354, "DATA: {r:?}");
-    c.send(&dot_stuff(content))?;
-    c.send(b"\r\n.\r\n")?;
-    c.reply()
-}
-
-/// Sends each `(from, rcpts, content)` as one message in one session from the lab client;
-/// returns the queue ids the relay acknowledged, in order.
-fn send_all(lab: &Lab, vip: SocketAddr, msgs: Vec<(String, Vec<String>, Vec<u8>)>) -> Result<Vec<String>> {
-    lab.client().ns().run(move || -> Result<Vec<String>> {
-        let (mut c, greeting) = RawSmtp::connect(vip)?;
-        ensure!(greeting.code == 220, "greeting {greeting:?}");
-        let r = c.cmd("EHLO client.example.com")?;
-        ensure!(r.code == 250, "EHLO: {r:?}");
-        let mut ids = Vec::new();
-        for (from, rcpts, content) in &msgs {
-            let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-            let params = if content.is_ascii() { "" } else { " BODY=8BITMIME" };
-            let r = transaction(&mut c, from, params, &rcpts, content)?;
-            ensure!(r.code == 250, "end of data: {r:?}");
-            ids.push(r.queue_id().with_context(|| format!("no queue id in {r:?}"))?);
-        }
-        let _ = c.cmd("QUIT");
-        Ok(ids)
-    })?
-}
 
 /// `mxlb queue list --json` on LB 1: the entries of its own queue (not the peer's replicas).
 fn queued(pair: &RelayPair) -> Result<Vec<serde_json::Value>> {
@@ -168,93 +117,6 @@ fn header_fields(msg: &str) -> Vec<(String, String)> {
     out
 }
 
-// ---------------------------------------------------------------------------------------------
-// A minimal IMAP client (LOGIN, SELECT, FETCH BODY[]), run in the back-end's namespace.
-
-struct Imap {
-    stream: std::net::TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Imap {
-    fn connect(addr: SocketAddr) -> Result<Imap> {
-        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("IMAP {addr}"))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut c = Imap { stream, buf: Vec::new() };
-        let greeting = c.line()?;
-        ensure!(greeting.starts_with(b"* OK"), "IMAP greeting {:?}", String::from_utf8_lossy(&greeting));
-        Ok(c)
-    }
-
-    fn fill(&mut self) -> Result<()> {
-        use std::io::Read as _;
-        let mut chunk = [0u8; 16384];
-        let n = self.stream.read(&mut chunk).context("IMAP read")?;
-        ensure!(n > 0, "IMAP connection closed");
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(())
-    }
-
-    /// One line, CRLF removed.
-    fn line(&mut self) -> Result<Vec<u8>> {
-        loop {
-            if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let mut l: Vec<u8> = self.buf.drain(..end + 2).collect();
-                l.truncate(end);
-                return Ok(l);
-            }
-            self.fill()?;
-        }
-    }
-
-    fn bytes(&mut self, n: usize) -> Result<Vec<u8>> {
-        while self.buf.len() < n {
-            self.fill()?;
-        }
-        Ok(self.buf.drain(..n).collect())
-    }
-
-    /// Sends `TAG COMMAND`; returns the untagged lines and the literals they announced, and
-    /// fails unless the tagged reply is OK.
-    fn cmd(&mut self, tag: &str, command: &str) -> Result<(Vec<String>, Vec<Vec<u8>>)> {
-        use std::io::Write as _;
-        self.stream.write_all(format!("{tag} {command}\r\n").as_bytes())?;
-        let (mut lines, mut literals) = (Vec::new(), Vec::new());
-        loop {
-            let l = self.line()?;
-            let text = String::from_utf8_lossy(&l).into_owned();
-            if let Some(rest) = text.strip_prefix(&format!("{tag} ")) {
-                ensure!(rest.starts_with("OK"), "IMAP {command}: {text}\n{lines:?}");
-                return Ok((lines, literals));
-            }
-            // A line ending with {n} is followed by n octets of literal, then the line goes on.
-            if let Some(n) = text.strip_suffix('}').and_then(|t| t.rsplit_once('{')).and_then(|(_, n)| n.parse::<usize>().ok()) {
-                literals.push(self.bytes(n)?);
-            }
-            lines.push(text);
-        }
-    }
-}
-
-/// Every message in `user`'s INBOX on the Dovecot at `addr` (BODY[], in order). Run it in a
-/// namespace that reaches `addr`.
-fn imap_messages(addr: SocketAddr, user: &str, password: &str) -> Result<Vec<Vec<u8>>> {
-    let mut c = Imap::connect(addr)?;
-    c.cmd("a", &format!("LOGIN \"{user}\" \"{password}\""))?;
-    let (lines, _) = c.cmd("b", "SELECT INBOX")?;
-    let exists: usize = lines
-        .iter()
-        .find_map(|l| l.strip_prefix("* ").and_then(|r| r.strip_suffix(" EXISTS")).and_then(|n| n.parse().ok()))
-        .unwrap_or(0);
-    if exists == 0 {
-        return Ok(Vec::new());
-    }
-    let (_, literals) = c.cmd("c", "FETCH 1:* BODY.PEEK[]")?;
-    let _ = c.cmd("d", "LOGOUT");
-    ensure!(literals.len() == exists, "{exists} messages, {} literals fetched", literals.len());
-    Ok(literals)
-}
-
 /// Waits (bounded) until `user`'s INBOX on back-end `i` holds at least `n` messages.
 fn wait_imap(lab: &Lab, i: usize, user: &str, password: &str, n: usize, timeout: Duration) -> Result<Vec<Vec<u8>>> {
     let b = lab.backend(i);
@@ -262,7 +124,7 @@ fn wait_imap(lab: &Lab, i: usize, user: &str, password: &str, n: usize, timeout:
     let (user, password) = (user.to_string(), password.to_string());
     let mut last = Vec::new();
     let got = wait_some(&format!("{n} message(s) for {user} on b{i}"), timeout, || {
-        last = b.ns().run(|| imap_messages(addr, &user, &password))??;
+        last = b.ns().run(|| inbox(addr, &user, &password))??;
         Ok((last.len() >= n).then(|| last.clone()))
     });
     got.with_context(|| format!("{user}'s INBOX on b{i} holds {} message(s)", last.len()))
@@ -301,30 +163,7 @@ fn lmtp_to_dovecot_reads_back_identical_over_imap_and_unknown_users_bounce() -> 
     let pair = RelayPair::start(&lab, opts)?;
     let vip = pair.vip();
 
-    // What a client means to send: lines that need dot-stuffing (a leading dot, two dots, a
-    // line of only a dot), 8-bit UTF-8, a long line, spaces and tabs at the edges.
-    let long: String = (0..900).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
-    let lines: Vec<String> = vec![
-        "From: Sender <sender@example.com>".into(),
-        "To: <u1@example.net>".into(),
-        "Subject: interop bytes".into(),
-        "Message-ID: <interop-1@example.com>".into(),
-        "MIME-Version: 1.0".into(),
-        "Content-Type: text/plain; charset=utf-8".into(),
-        "Content-Transfer-Encoding: 8bit".into(),
-        String::new(),
-        ".a line starting with a dot".into(),
-        "..two dots".into(),
-        ".".into(),
-        "the line before was a single dot".into(),
-        "8-bit: h\u{e9}llo w\u{f6}rld \u{2014} \u{65e5}\u{672c}\u{8a9e} \u{2709}".into(),
-        long,
-        "  leading and trailing spaces  ".into(),
-        "\ttab first".into(),
-        String::new(),
-        "last line".into(),
-    ];
-    let content = lines.join("\r\n").into_bytes();
+    let content = transport_test_message("u1@example.net", "interop bytes", "interop-1@example.com");
     let expected_tail = [content.as_slice(), b"\r\n"].concat();
 
     let ids = send_all(
