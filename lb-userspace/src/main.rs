@@ -29,7 +29,9 @@ const DEFAULT_CONFIG: &str = "/etc/mxlb/mxlb.toml";
     long_about = "mxlb balances SMTP, submission, POP3 and IMAP connections across mail servers with an XDP \
 program (weighted Maglev, connection tracking, direct server return). `mxlb run` loads and attaches it and \
 keeps its maps in step with the config, and holds the VIPs together with other LB nodes over VRRPv3 \
-(keepalived-compatible); the other commands change or show the running state, whether or not the agent runs \
+(keepalived-compatible). On `local` VIPs it also runs a store-and-forward SMTP relay with a mirrored \
+queue (`[relay]`) and a POP3/IMAP proxy that sends each login to the back-end holding the mailbox \
+(`[proxy]`, `[mailbox]`); the other commands change or show the running state, whether or not the agent runs \
 (changes are kept across restarts).",
     after_help = "Config: --config FILE, else $MXLB_CONFIG, else /etc/mxlb/mxlb.toml, else the embedded default \
 (the lab topology of `cargo xtask run`; see mxlb.example.toml)."
@@ -50,7 +52,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the balancer, apply the config, run VRRP with the other LB nodes
-    /// (`[[vrrp]]`), until SIGTERM/SIGINT (a VRRP master then hands its VIPs over at once).
+    /// (`[[vrrp]]`) and the services on local VIPs (`[relay]`, `[proxy]`), until SIGTERM/SIGINT
+    /// (a VRRP master then hands its VIPs over at once; SIGHUP re-reads the relay's mailbox list and
+    /// the mailbox table).
     Run {
         /// Leave the program attached on exit (for restarts and upgrades: traffic keeps flowing
         /// on the pinned maps while the agent is down).
