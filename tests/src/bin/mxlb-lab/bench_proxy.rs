@@ -41,8 +41,11 @@
 //! (must be 0; the JSON is written anyway and a FAIL line printed).
 //!
 //! Output: the table, target/bench/proxy.json and the `proxy` section of bench/RESULTS.md.
-//! Options (after `bench proxy`): `--repeats N`, `--seconds S`, `--concurrency N` (for a quick
-//! check; the defaults are what RESULTS.md reports).
+//! Options (after `bench proxy`), for diagnosis: `--repeats N`, `--seconds S`,
+//! `--concurrency N`, `--fetch N` (messages per session, at most [`MESSAGES`]), `--rows
+//! direct,perdition,...` (a subset; direct is always measured, as the baseline). A run with
+//! any of them changed writes target/bench/proxy-check.json instead and leaves RESULTS.md
+//! alone: only the default settings are the reported figures.
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -208,14 +211,24 @@ impl RowRuns {
     }
 }
 
+#[derive(Clone, Copy)]
 struct Params {
     repeats: usize,
     seconds: f64,
     concurrency: u32,
+    fetch: u32,
+    /// Which rows run (index as in [`Row::ALL`]).
+    rows: [bool; 4],
+}
+
+impl Params {
+    fn is_default(&self) -> bool {
+        self.repeats == REPEATS && self.seconds == SECONDS && self.concurrency == CONCURRENCY && self.fetch == MESSAGES && self.rows == [true; 4]
+    }
 }
 
 fn params() -> Result<Params> {
-    let mut p = Params { repeats: REPEATS, seconds: SECONDS, concurrency: CONCURRENCY };
+    let mut p = Params { repeats: REPEATS, seconds: SECONDS, concurrency: CONCURRENCY, fetch: MESSAGES, rows: [true; 4] };
     // mxlb-lab bench proxy [options]
     let args: Vec<String> = std::env::args().skip(3).collect();
     let mut it = args.iter();
@@ -225,7 +238,15 @@ fn params() -> Result<Params> {
             "--repeats" => p.repeats = val()?.parse::<usize>().context("--repeats N")?.clamp(1, 20),
             "--seconds" => p.seconds = val()?.parse::<f64>().context("--seconds S")?.clamp(0.5, 60.0),
             "--concurrency" => p.concurrency = val()?.parse::<u32>().context("--concurrency N")?.clamp(1, 27),
-            other => bail!("bench proxy: unknown option {other} (--repeats N, --seconds S, --concurrency N)"),
+            "--fetch" => p.fetch = val()?.parse::<u32>().context("--fetch N")?.clamp(1, MESSAGES),
+            "--rows" => {
+                p.rows = [true, false, false, false];
+                for name in val()?.split(',') {
+                    let i = Row::ALL.iter().position(|r| r.key() == name).with_context(|| format!("--rows: no row {name}"))?;
+                    p.rows[i] = true;
+                }
+            }
+            other => bail!("bench proxy: unknown option {other} (--repeats N, --seconds S, --concurrency N, --fetch N, --rows A,B)"),
         }
     }
     Ok(p)
@@ -269,7 +290,7 @@ fn measure(lab: &Lab, p: &ProxyLab, proto: Proto, target: SocketAddr, direct: bo
         "-t".into(),
         "10".into(),
         "--fetch".into(),
-        MESSAGES.to_string(),
+        prm.fetch.to_string(),
         "--expect-size".into(),
         MESSAGE_BYTES.to_string(),
         "-q".into(),
@@ -334,10 +355,11 @@ pub fn run() -> Result<()> {
     require_perdition()?;
     let machine = machine();
     println!(
-        "== bench proxy on {machine}: {} repeats of {} rows x POP3 and IMAP; sessions of {MESSAGES} messages x {MESSAGE_BYTES} B, \
+        "== bench proxy on {machine}: {} repeats of {} rows x POP3 and IMAP; sessions of {} messages x {MESSAGE_BYTES} B, \
          concurrency {}, {WARMUP_S} s warm-up + {} s per run",
         prm.repeats,
-        Row::ALL.len(),
+        prm.rows.iter().filter(|r| **r).count(),
+        prm.fetch,
         prm.concurrency,
         prm.seconds
     );
@@ -379,6 +401,9 @@ pub fn run() -> Result<()> {
     }
     'repeats: for rep in 1..=prm.repeats {
         for (ri, row) in Row::ALL.into_iter().enumerate() {
+            if !prm.rows[ri] {
+                continue;
+            }
             println!("== repeat {rep}/{}: {}", prm.repeats, row.label());
             let mut perdition = None;
             let setup = match row {
@@ -429,8 +454,13 @@ pub fn run() -> Result<()> {
 
     print_table(&rows, &prm);
     let out = to_json(&rows, &prm, &machine, failure.as_deref());
-    super::write_bench("proxy", &out)?;
-    super::update_section("bench/RESULTS.md", "proxy", &markdown(&rows, &prm, &machine, failure.as_deref()))?;
+    if prm.is_default() {
+        super::write_bench("proxy", &out)?;
+        super::update_section("bench/RESULTS.md", "proxy", &markdown(&rows, &prm, &machine, failure.as_deref()))?;
+    } else {
+        println!("(settings other than the defaults: a check, not the reported figures; RESULTS.md unchanged)");
+        super::write_bench("proxy-check", &out)?;
+    }
     let misrouted_total: usize = rows.iter().map(RowRuns::misrouted).sum();
     if misrouted_total > 0 {
         println!("FAIL: {misrouted_total} session(s) reached a back-end other than the mailbox owner");
@@ -475,8 +505,8 @@ fn verdict_text(v: Option<bool>) -> &'static str {
 fn print_table(rows: &[RowRuns], prm: &Params) {
     let direct = &rows[0];
     println!(
-        "\nPOP3/IMAP proxy, medians of {} repeats (sessions of {MESSAGES} x {MESSAGE_BYTES} B, concurrency {}, {} s per run)",
-        prm.repeats, prm.concurrency, prm.seconds
+        "\nPOP3/IMAP proxy, medians of {} repeats (sessions of {} x {MESSAGE_BYTES} B, concurrency {}, {} s per run)",
+        prm.repeats, prm.fetch, prm.concurrency, prm.seconds
     );
     println!(
         "{:<32} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>9} {:>6}",
@@ -532,7 +562,7 @@ fn to_json(rows: &[RowRuns], prm: &Params, machine: &str, failure: Option<&str>)
     out.insert("machine".into(), machine.into());
     out.insert("date".into(), today().into());
     out.insert("concurrency".into(), prm.concurrency.into());
-    out.insert("messages".into(), MESSAGES.into());
+    out.insert("messages".into(), prm.fetch.into());
     out.insert("message_bytes".into(), MESSAGE_BYTES.into());
     out.insert(
         "targets".into(),
@@ -568,13 +598,14 @@ fn markdown(rows: &[RowRuns], prm: &Params, machine: &str, failure: Option<&str>
     let mut s = format!(
         "Latest `cargo xtask bench proxy`: {machine}, {}. Medians of {} repeats; per row a POP3 and an IMAP run of {} s \
          (after {WARMUP_S} s unmeasured), {} concurrent sessions rotating over alice, bob and carol (one owner back-end \
-         each), each session retrieving {MESSAGES} messages of {MESSAGE_BYTES} bytes.\n\n\
+         each), each session retrieving {} messages of {MESSAGE_BYTES} bytes.\n\n\
          | row | POP3 sessions/s | vs direct | POP3 p99, ms | IMAP sessions/s | vs direct | IMAP p99, ms | all sessions/s | vs direct | p99 (worse protocol), ms | misrouted | failed sessions |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         today(),
         prm.repeats,
         prm.seconds,
-        prm.concurrency
+        prm.concurrency,
+        prm.fetch
     );
     for (row, r) in Row::ALL.into_iter().zip(rows) {
         let cells: Vec<String> = [(r.proto(0), direct.proto(0)), (r.proto(1), direct.proto(1)), (r.combined(), direct.combined())]
