@@ -7,9 +7,11 @@ use clap::{Parser, ValueEnum};
 pub enum Mode {
     /// Full SMTP transactions: EHLO, MAIL, RCPT×n, DATA, QUIT.
     Smtp,
-    /// POP3: USER/PASS, STAT, RETR 1, QUIT (the mailbox must hold a message).
+    /// POP3: USER/PASS, STAT, RETR 1 … RETR N (`--fetch`), QUIT (the mailbox must hold N
+    /// messages).
     Pop3,
-    /// IMAP: LOGIN, SELECT INBOX, FETCH 1, LOGOUT (the mailbox must hold a message).
+    /// IMAP: LOGIN, SELECT INBOX, FETCH 1:N (BODY.PEEK[]) (`--fetch`), LOGOUT (the mailbox must
+    /// hold N messages).
     Imap,
     /// TCP connect and close only.
     Connect,
@@ -98,6 +100,25 @@ pub struct Args {
     /// POP3/IMAP: password.
     #[arg(long, default_value = "bench")]
     pub pass: String,
+    /// POP3/IMAP: an account, USER:PASS (split at the first `:`, so a password may contain
+    /// one). Repeat it and the sessions take the accounts in turn (round robin), so the load
+    /// reaches every mailbox, and every back-end of a cluster that partitions them. Replaces
+    /// --user/--pass.
+    #[arg(long = "account", value_name = "USER:PASS", value_parser = parse_account)]
+    pub accounts: Vec<Account>,
+    /// POP3/IMAP: sessions of USER connect to HOST[:PORT] instead of the target (e.g. each user
+    /// straight to the back-end holding the mailbox, for a baseline without a proxy). Repeat
+    /// it per user.
+    #[arg(long = "user-target", value_name = "USER=HOST[:PORT]", value_parser = parse_user_target)]
+    pub user_targets: Vec<(String, String)>,
+    /// POP3/IMAP: messages each session retrieves: POP3 RETR 1 … RETR N, one command each;
+    /// IMAP one FETCH 1:N.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub fetch: u32,
+    /// POP3/IMAP: every retrieved message must be exactly this many bytes as received (CRLFs
+    /// included, POP3 dot-stuffing removed); another size fails the session (`protocol`).
+    #[arg(long, value_name = "BYTES")]
+    pub expect_size: Option<u64>,
 
     /// Runtime threads. One (the default) behaves like smtp-source, a single process: on a
     /// small machine shared with the server, more threads mostly add scheduling noise. Raise
@@ -111,6 +132,38 @@ pub struct Args {
     /// No progress bar (there is none anyway when stderr is not a terminal).
     #[arg(short = 'q', long)]
     pub quiet: bool,
+}
+
+/// A POP3/IMAP login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub user: String,
+    pub pass: String,
+}
+
+impl Args {
+    /// The accounts sessions log in with: `--account`s, else `--user`/`--pass`.
+    pub fn accounts(&self) -> Vec<Account> {
+        if self.accounts.is_empty() {
+            vec![Account { user: self.user.clone(), pass: self.pass.clone() }]
+        } else {
+            self.accounts.clone()
+        }
+    }
+}
+
+fn parse_account(s: &str) -> Result<Account, String> {
+    match s.split_once(':') {
+        Some((user, pass)) if !user.is_empty() => Ok(Account { user: user.into(), pass: pass.into() }),
+        _ => Err(format!("{s:?}: expected USER:PASS")),
+    }
+}
+
+fn parse_user_target(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((user, addr)) if !user.is_empty() && !addr.is_empty() => Ok((user.into(), addr.into())),
+        _ => Err(format!("{s:?}: expected USER=HOST[:PORT]")),
+    }
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -142,7 +195,44 @@ mod tests {
         );
         assert!(Args::try_parse_from(["mxlb-bench", "smtp", "x", "-c", "2", "-r", "5"]).is_err());
         assert!(Args::try_parse_from(["mxlb-bench", "smtp", "x", "-d", "-1"]).is_err());
-        use clap::CommandFactory;
+        // Without --account: one account from --user/--pass; --fetch defaults to 1.
+        let a = Args::try_parse_from(["mxlb-bench", "pop3", "x", "--user", "u", "--pass", "p"]).unwrap();
+        assert_eq!(a.accounts(), vec![Account { user: "u".into(), pass: "p".into() }]);
+        assert_eq!((a.fetch, a.expect_size), (1, None));
+        assert!(Args::try_parse_from(["mxlb-bench", "pop3", "x", "--fetch", "0"]).is_err());
+        use clap::CommandFactory as _;
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn accounts_and_user_targets() {
+        let a = Args::try_parse_from([
+            "mxlb-bench",
+            "imap",
+            "10.0.0.1",
+            "--account",
+            "alice:alice-pw",
+            "--account",
+            "bob:bob pw:with colon",
+            "--user-target",
+            "alice=10.0.0.11:143",
+            "--fetch",
+            "20",
+            "--expect-size",
+            "8192",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.accounts(),
+            vec![
+                Account { user: "alice".into(), pass: "alice-pw".into() },
+                Account { user: "bob".into(), pass: "bob pw:with colon".into() },
+            ]
+        );
+        assert_eq!(a.user_targets, vec![("alice".to_string(), "10.0.0.11:143".to_string())]);
+        assert_eq!((a.fetch, a.expect_size), (20, Some(8192)));
+        assert!(Args::try_parse_from(["mxlb-bench", "imap", "x", "--account", "nopass"]).is_err());
+        assert!(Args::try_parse_from(["mxlb-bench", "imap", "x", "--account", ":p"]).is_err());
+        assert!(Args::try_parse_from(["mxlb-bench", "imap", "x", "--user-target", "alice"]).is_err());
     }
 }

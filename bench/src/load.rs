@@ -43,8 +43,16 @@ pub struct Plan {
     pub op_timeout: Duration,
 }
 
-/// Makes a fresh dialogue per session (`None` per session in connect mode).
-pub type DialogueFactory = Arc<dyn Fn() -> Option<Box<dyn Dialogue>> + Send + Sync>;
+/// One session to make: where to connect and what to say (`None` in connect mode).
+pub struct SessionPlan {
+    pub target: SocketAddr,
+    pub dialogue: Option<Box<dyn Dialogue>>,
+}
+
+/// Makes each session's plan, called once per session start: a fresh dialogue each time, and
+/// the target and account of the session (several accounts are taken in turn, each possibly
+/// on its own server, see `main.rs`).
+pub type DialogueFactory = Arc<dyn Fn() -> SessionPlan + Send + Sync>;
 
 /// What a run produced.
 pub struct RunResult {
@@ -76,10 +84,10 @@ pub fn schedule(
         })
 }
 
-/// Runs the plan against `target`; `progress` counts finished measured sessions.
+/// Runs the plan, each session where `make` says; `progress` counts finished measured
+/// sessions.
 pub async fn run(
     plan: Plan,
-    target: SocketAddr,
     make: DialogueFactory,
     progress: Arc<AtomicU64>,
 ) -> RunResult {
@@ -111,7 +119,8 @@ pub async fn run(
                         {
                             break;
                         }
-                        let o = session::run(target, start, plan.op_timeout, make()).await;
+                        let s = make();
+                        let o = session::run(s.target, start, plan.op_timeout, s.dialogue).await;
                         if measured {
                             lock(&stats).record(&o);
                             progress.fetch_add(1, Relaxed);
@@ -150,7 +159,8 @@ pub async fn run(
                 );
                 set.spawn(async move {
                     // `due`, not now: latency from the scheduled start (see the module doc).
-                    let o = session::run(target, due, plan.op_timeout, make()).await;
+                    let s = make();
+                    let o = session::run(s.target, due, plan.op_timeout, s.dialogue).await;
                     in_flight.fetch_sub(1, Relaxed);
                     if measured {
                         lock(&stats).record(&o);

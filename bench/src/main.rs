@@ -1,5 +1,6 @@
 //! mxlb-bench: load generator for mail services (SMTP, POP3, IMAP, TCP connect), used to
 //! measure mxlb and the clusters behind it. See `mxlb-bench --help`.
+mod accounts;
 mod cli;
 mod load;
 mod proto;
@@ -21,9 +22,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
 
+use accounts::{Rotation, routes};
 use cli::{Args, Mode};
-use load::{DialogueFactory, Plan, Shape};
-use proto::{Dialogue, imap::Imap, pop3::Pop3, smtp};
+use load::{DialogueFactory, Plan, SessionPlan, Shape};
+use proto::{Dialogue, Fetch, imap::Imap, pop3::Pop3, smtp};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -57,9 +59,15 @@ async fn resolve(target: &str, port: u16) -> Result<SocketAddr> {
         .with_context(|| format!("{with_port} has no address"))
 }
 
-fn factory(args: &Args) -> DialogueFactory {
-    match args.mode {
-        Mode::Connect => Arc::new(|| None),
+/// Each session's plan, and the report's target text. POP3/IMAP sessions rotate over the
+/// accounts (see `accounts.rs`), each to its own target if it has one.
+async fn factory(args: &Args, target: SocketAddr) -> Result<(DialogueFactory, String)> {
+    let single = |f: Arc<dyn Fn() -> Option<Box<dyn Dialogue>> + Send + Sync>| -> DialogueFactory {
+        Arc::new(move || SessionPlan { target, dialogue: f() })
+    };
+    let mode = args.mode;
+    let rotation = match mode {
+        Mode::Connect => return Ok((single(Arc::new(|| None)), target.to_string())),
         Mode::Smtp => {
             let p = smtp::SmtpParams {
                 helo: args.helo.clone(),
@@ -69,17 +77,31 @@ fn factory(args: &Args) -> DialogueFactory {
                 messages: args.messages.max(1),
                 body: Arc::new(smtp::make_body(args.size, &args.from, &args.to)),
             };
-            Arc::new(move || Some(Box::new(smtp::Smtp::new(p.clone())) as Box<dyn Dialogue>))
+            let f = single(Arc::new(move || Some(Box::new(smtp::Smtp::new(p.clone())) as Box<dyn Dialogue>)));
+            return Ok((f, target.to_string()));
         }
-        Mode::Pop3 => {
-            let (u, p) = (args.user.clone(), args.pass.clone());
-            Arc::new(move || Some(Box::new(Pop3::new(&u, &p)) as Box<dyn Dialogue>))
+        Mode::Pop3 | Mode::Imap => {
+            let mut user_targets = Vec::new();
+            for (user, addr) in &args.user_targets {
+                user_targets.push((user.clone(), resolve(addr, mode.default_port()).await?));
+            }
+            let r = routes(&args.accounts(), &user_targets, target).map_err(anyhow::Error::msg)?;
+            Rotation::new(r).context("no account")?
         }
-        Mode::Imap => {
-            let (u, p) = (args.user.clone(), args.pass.clone());
-            Arc::new(move || Some(Box::new(Imap::new(&u, &p)) as Box<dyn Dialogue>))
-        }
-    }
+    };
+    let text = rotation.targets_text();
+    let fetch = Fetch { count: args.fetch.max(1), expect_size: args.expect_size };
+    let f: DialogueFactory = Arc::new(move || {
+        let r = rotation.next();
+        let (u, p) = (&r.account.user, &r.account.pass);
+        let dialogue: Box<dyn Dialogue> = if mode == Mode::Pop3 {
+            Box::new(Pop3::with_fetch(u, p, fetch))
+        } else {
+            Box::new(Imap::with_fetch(u, p, fetch))
+        };
+        SessionPlan { target: r.target, dialogue: Some(dialogue) }
+    });
+    Ok((f, text))
 }
 
 /// A progress bar on stderr, only when it is a terminal (and not `--quiet`), updated from the
@@ -156,7 +178,8 @@ fn real_main(args: Args) -> Result<u64> {
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let bar = progress(&args, count, done.clone(), stop.clone());
-        let res = load::run(plan, target, factory(&args), done).await;
+        let (make, target_text) = factory(&args, target).await?;
+        let res = load::run(plan, make, done).await;
         stop.store(true, Relaxed);
         if let Some(b) = bar {
             let _ = b.await;
@@ -164,7 +187,7 @@ fn real_main(args: Args) -> Result<u64> {
         let concurrency = args.rate.is_none().then_some(args.concurrency.max(1));
         let rep = report::Report::new(
             args.mode.name(),
-            target.to_string(),
+            target_text,
             concurrency,
             args.rate,
             &res.stats,

@@ -32,6 +32,8 @@ pub struct Report {
     pub sessions_ok: u64,
     pub sessions_failed: u64,
     pub messages: u64,
+    /// Bytes of the retrieved messages (POP3/IMAP; 0 otherwise).
+    pub bytes_retrieved: u64,
     pub sessions_per_s: f64,
     pub messages_per_s: f64,
     pub errors: BTreeMap<&'static str, u64>,
@@ -81,6 +83,7 @@ impl Report {
             sessions_ok: stats.sessions_ok,
             sessions_failed: stats.error_total(),
             messages: stats.messages,
+            bytes_retrieved: stats.bytes,
             sessions_per_s: per_s(stats.sessions_ok, elapsed),
             messages_per_s: per_s(stats.messages, elapsed),
             errors: ErrorKind::ALL
@@ -143,6 +146,9 @@ impl Report {
             "sessions/s {:.1}   messages/s {:.1}",
             self.sessions_per_s, self.messages_per_s
         );
+        if self.bytes_retrieved > 0 {
+            let _ = writeln!(s, "bytes retrieved {}", self.bytes_retrieved);
+        }
         let errs: Vec<String> = ErrorKind::ALL
             .iter()
             .map(|k| {
@@ -180,6 +186,7 @@ mod tests {
                 data_acks: vec![Duration::from_millis(2)],
                 messages: 1,
                 session: Duration::from_millis(i),
+                bytes: 0,
                 error: None,
             });
         }

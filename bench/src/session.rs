@@ -102,6 +102,8 @@ pub struct Outcome {
     pub data_acks: Vec<Duration>,
     /// Messages accepted (SMTP) or retrieved (POP3/IMAP).
     pub messages: u64,
+    /// Bytes of the retrieved messages (POP3/IMAP).
+    pub bytes: u64,
     /// Start to end (successful sessions).
     pub session: Duration,
     pub error: Option<ProtoError>,
@@ -191,7 +193,10 @@ async fn drive(
                     }
                     out.messages += 1;
                 }
-                Event::Retrieved => out.messages += 1,
+                Event::Retrieved { bytes } => {
+                    out.messages += 1;
+                    out.bytes += bytes;
+                }
             }
         }
         if !step.send.is_empty() {

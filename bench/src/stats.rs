@@ -43,6 +43,8 @@ pub struct Stats {
     pub errors: [u64; ErrorKind::ALL.len()],
     pub sessions_ok: u64,
     pub messages: u64,
+    /// Bytes of retrieved messages (POP3/IMAP), failed sessions' included like `messages`.
+    pub bytes: u64,
     /// The first few distinct error details, for the report (never all: a run may fail
     /// millions).
     pub samples: Vec<String>,
@@ -60,6 +62,7 @@ impl Default for Stats {
             errors: [0; ErrorKind::ALL.len()],
             sessions_ok: 0,
             messages: 0,
+            bytes: 0,
             samples: Vec::new(),
         }
     }
@@ -94,6 +97,7 @@ impl Stats {
             self.record_latency(Phase::DataAck, *d);
         }
         self.messages += o.messages;
+        self.bytes += o.bytes;
         match &o.error {
             None => {
                 self.sessions_ok += 1;

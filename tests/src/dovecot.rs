@@ -174,3 +174,96 @@ impl Drop for Dovecot {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+// ---- Seeded mailboxes and login counts (for `bench proxy`) ----------------------------------
+
+/// A test message of exactly `size` bytes (sizes below its headers plus 2, about 80, are raised
+/// to that), CRLF line endings, numbered `n` in its
+/// Subject: headers, a blank line, then 76-character lines of `x` (no line starts with a dot, so
+/// a POP3 client receives it unstuffed, byte for byte).
+pub fn test_message(n: usize, size: usize) -> Vec<u8> {
+    let mut m = format!("From: <bench@example.com>\r\nTo: <user@example.net>\r\nSubject: bench message {n}\r\n\r\n").into_bytes();
+    let size = size.max(m.len() + 2);
+    while m.len() < size {
+        // A full line if it fits with room for at least a 1-byte last line, else the rest.
+        let left = size - m.len();
+        let body = if left >= 78 + 3 { 76 } else { left - 2 };
+        m.extend(std::iter::repeat_n(b'x', body));
+        m.extend_from_slice(b"\r\n");
+    }
+    m
+}
+
+/// `Login: user=<NAME>` lines of a Dovecot log (POP3 and IMAP), counted by user: which users
+/// logged in on a back-end, whatever the client's address.
+pub fn count_logins(log: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for line in log.lines() {
+        let Some((_, rest)) = line.split_once("Login: user=<") else { continue };
+        let Some((user, _)) = rest.split_once('>') else { continue };
+        *counts.entry(user.to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+impl Dovecot {
+    /// Fills `user`'s INBOX with `count` messages of exactly `size` bytes ([`test_message`]),
+    /// written straight into the Maildir (`mail_location = maildir:~/Maildir`, the home in the
+    /// passwd-file line) as Dovecot would have delivered them to `cur/`, owned by nobody as its
+    /// mail processes run. Faster and more predictable than `doveadm save` per message; Dovecot
+    /// indexes them at the first login. Call it before the user's first session.
+    pub fn seed_mailbox(&self, user: &str, count: usize, size: usize) -> Result<()> {
+        let home = self.dir.join("mail").join(user);
+        let md = home.join("Maildir");
+        for sub in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(md.join(sub))?;
+        }
+        for n in 1..=count {
+            let msg = test_message(n, size);
+            // The S= size lets Dovecot skip a stat; ":2," = no flags.
+            let name = format!("1700000000.M{n}P1.bench,S={}:2,", msg.len());
+            std::fs::write(md.join("cur").join(name), msg)?;
+        }
+        let st = std::process::Command::new("chown").args(["-R", "nobody:nogroup"]).arg(&home).status().context("chown")?;
+        if !st.success() {
+            bail!("chown -R nobody:nogroup {}: {st}", home.display());
+        }
+        Ok(())
+    }
+
+    /// [`count_logins`] of its log so far.
+    pub fn logins_by_user(&self) -> std::collections::BTreeMap<String, usize> {
+        count_logins(&self.log())
+    }
+}
+
+#[cfg(test)]
+mod bench_helpers_tests {
+    use super::*;
+
+    #[test]
+    fn test_messages_have_the_exact_size_and_no_dot_lines() {
+        assert_eq!(test_message(1, 10).len(), test_message(1, 0).len());
+        for size in [100, 160, 161, 162, 8192, 8193, 8271] {
+            let m = test_message(7, size);
+            assert_eq!(m.len(), size);
+            assert!(m.ends_with(b"\r\n"));
+            let text = String::from_utf8(m).unwrap();
+            assert!(text.contains("Subject: bench message 7\r\n"));
+            for l in text.split("\r\n") {
+                assert!(!l.starts_with('.') && !l.contains('\n') && !l.contains('\r') && l.len() <= 78, "{l:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn logins_are_counted_by_user() {
+        let log = "Jun 01 12:00:00 pop3-login: Info: Login: user=<alice>, method=PLAIN, rip=198.18.0.1, lip=198.18.0.11\n\
+                   Jun 01 12:00:00 imap-login: Info: Login: user=<alice>, method=PLAIN, rip=198.18.0.2\n\
+                   Jun 01 12:00:00 imap(alice)<1><x>: Info: Logged out in=10 out=20\n\
+                   Jun 01 12:00:01 imap-login: Info: Login: user=<bob pw>, method=PLAIN\n\
+                   Jun 01 12:00:01 imap-login: Info: Disconnected (auth failed, 1 attempts): user=<carol>\n";
+        let c = count_logins(log);
+        assert_eq!(c.into_iter().collect::<Vec<_>>(), vec![("alice".to_string(), 2), ("bob pw".to_string(), 1)]);
+    }
+}

@@ -32,6 +32,7 @@ pub mod haproxy;
 pub mod keepalived;
 pub mod loadgen;
 pub mod node;
+pub mod perdition;
 pub mod postfix;
 pub mod sessions;
 pub mod dovecot;

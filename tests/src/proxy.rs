@@ -413,3 +413,62 @@ pub fn b64(raw: &[u8]) -> String {
 pub fn plain(user: &str, password: &str) -> String {
     b64(format!("\0{user}\0{password}").as_bytes())
 }
+
+// ---- Switching the relaying mode, for `bench proxy` -------------------------------------------
+
+/// `text` (the `[proxy]` TOML the scenario wrote) with its `relaying` key set to `relaying`:
+/// an existing `relaying = ...` line is dropped and the new one goes right after the `[proxy]`
+/// header. `None` if there is no `[proxy]` table.
+pub fn with_relaying(text: &str, relaying: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut found = false;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with("relaying") && line.contains('=') {
+            continue;
+        }
+        out += line;
+        if line.trim() == "[proxy]" {
+            found = true;
+            if !line.ends_with('\n') {
+                out += "\n";
+            }
+            out += &format!("relaying = \"{relaying}\"\n");
+        }
+    }
+    found.then_some(out)
+}
+
+impl ProxyLab<'_> {
+    /// Stops `mxlb run` (the Dovecots and everything else stay), e.g. while a row without the
+    /// proxy is measured; [`ProxyLab::relaunch`] starts it again.
+    pub fn stop_node(&mut self) -> Result<()> {
+        self.node.stop()
+    }
+
+    /// Restarts `mxlb run` with `[proxy] relaying = "RELAYING"` (`sockmap` or `copy`), the rest
+    /// of the config unchanged, and waits until the proxy greets (bounded: 10 s). The same
+    /// back-ends, mailboxes and logs serve both modes, so they compare within one run.
+    pub fn relaunch(&mut self, relaying: &str) -> Result<()> {
+        self.node.stop()?;
+        let extra = self.node.opts.extra.as_deref().unwrap_or_default();
+        let Some(extra) = with_relaying(extra, relaying) else { bail!("the node's config has no [proxy] table") };
+        self.node.opts.extra = Some(extra);
+        std::fs::write(&self.node.config_path, self.node.config_text())?;
+        self.node.launch()?;
+        self.wait_serving(Duration::from_secs(10))
+    }
+}
+
+#[cfg(test)]
+mod relaying_tests {
+    use super::with_relaying;
+
+    #[test]
+    fn relaying_is_set_inside_the_proxy_table_once() {
+        let t = "[[vip]]\nname = \"mail\"\n\n[proxy]\nvip = [\"mail\"]\nrelaying = \"sockmap\"\n\n[mailbox]\nbackends = []\n";
+        let copy = with_relaying(t, "copy").unwrap();
+        assert_eq!(copy, "[[vip]]\nname = \"mail\"\n\n[proxy]\nrelaying = \"copy\"\nvip = [\"mail\"]\n\n[mailbox]\nbackends = []\n");
+        assert_eq!(with_relaying(&copy, "sockmap").unwrap(), copy.replace("copy", "sockmap"));
+        assert_eq!(with_relaying("[mailbox]\n", "copy"), None);
+    }
+}

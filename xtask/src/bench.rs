@@ -9,9 +9,13 @@
 //!   writes target/bench/l4.png;
 //! - `relay`: accepted msgs/s of mxlb's store-and-forward relay (strict synchronous mirroring)
 //!   next to a Postfix 3.7 relay on the same lab, p99 accept latency, and kill trials (SIGKILL
-//!   of the master node during a run) counting lost (must be 0) and duplicated messages.
+//!   of the master node during a run) counting lost (must be 0) and duplicated messages;
+//! - `proxy`: POP3 and IMAP sessions (login, fetch 20 messages of 8 KiB, logout) straight to
+//!   each mailbox's owner, through mxlb's proxy with sockmap and with userspace relaying, and
+//!   through perdition; writes sessions/s, p99 and misrouted sessions (must be 0).
 //!
-//! `xdp` and `l4` also regenerate their sections of bench/RESULTS.md (and `l4` the README's).
+//! `xdp`, `l4` and `proxy` also regenerate their sections of bench/RESULTS.md (and `l4` the
+//! README's).
 
 use crate::util::{cargo, run_visible, say};
 use anyhow::{Result, bail};

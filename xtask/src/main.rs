@@ -3,8 +3,8 @@
 //! * `cargo xtask setup` installs what a fresh Debian 12 machine lacks (idempotent).
 //! * `cargo xtask test`  runs `setup`, then the whole test suite (the README's test command).
 //! * `cargo xtask run`   builds, brings up the lab with `mxlb run` in it and sends SMTP through it.
-//! * `cargo xtask bench NAME` runs a named benchmark: xdp, health, failover, l4 or relay (writes
-//!   target/bench/NAME.json; see bench.rs).
+//! * `cargo xtask bench NAME` runs a named benchmark: xdp, health, failover, l4, relay or proxy
+//!   (writes target/bench/NAME.json; see bench.rs).
 
 mod bench;
 mod run;
@@ -38,8 +38,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a benchmark (xdp, health, failover, l4, relay); writes target/bench/NAME.json (xdp and l4
-    /// also update bench/RESULTS.md).
+    /// Run a benchmark (xdp, health, failover, l4, relay, proxy); writes target/bench/NAME.json
+    /// (xdp, l4 and proxy also update bench/RESULTS.md).
     Bench {
         /// Benchmark name.
         name: String,

@@ -5,7 +5,8 @@
 //! 2. Debian packages: llvm-22-dev + libpolly-22-dev (bpf-linker links against LLVM 22, the
 //!    version rustc uses), and the lab's packages: postfix (for `smtp-sink`/`smtp-source`),
 //!    iproute2, ethtool, swaks (with its IPv6/TLS/AUTH perl modules), haproxy, dovecot, keepalived
-//!    (VRRP peers inside the lab's LB namespaces), fonts-dejavu-core (the `bench l4` chart).
+//!    (VRRP peers inside the lab's LB namespaces), perdition (the `bench proxy` comparison),
+//!    fonts-dejavu-core (the `bench l4` chart).
 //!    `apt-get update` runs once, only when something is missing;
 //! 3. bpf-linker 0.13.0 built against Debian's LLVM 22 (prebuilt downloads are unreachable).
 //!
@@ -41,6 +42,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("dovecot-pop3d", "real POP3 back-ends in the lab"),
     ("dovecot-lmtpd", "real LMTP back-ends in the lab"),
     ("keepalived", "VRRP peers for the failover tests and `bench failover`"),
+    ("perdition", "the POP3/IMAP proxy compared with mxlb's in `bench proxy`"),
     ("fonts-dejavu-core", "the font of the `bench l4` chart (read at run time: no fontconfig)"),
 ];
 

@@ -1,8 +1,13 @@
-//! IMAP client dialogue: greeting, LOGIN, SELECT INBOX, FETCH 1 (BODY.PEEK[]), LOGOUT.
-//! FETCH data arrives as a literal (`{N}` then N raw bytes), which may contain anything,
+//! IMAP client dialogue: greeting, LOGIN, SELECT INBOX, one FETCH of messages 1..N
+//! (`BODY.PEEK[]`, so the session changes no flag and the mailbox stays the same from one
+//! session to the next), LOGOUT.
+//!
+//! FETCH data arrives as literals (`{N}` then N raw bytes), which may contain anything,
 //! including lines that look like tagged replies; the machine counts literal bytes so it never
-//! reads message content as protocol.
-use super::{Dialogue, ErrorKind, Event, ProtoError, Step};
+//! reads message content as protocol. Each `BODY[]` literal is one retrieved message of that
+//! many bytes (checked against the expected size, if given), and the tagged OK must come after
+//! exactly N of them.
+use super::{Dialogue, ErrorKind, Event, Fetch, ProtoError, Step};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -17,12 +22,17 @@ enum State {
 pub struct Imap {
     user: String,
     pass: String,
+    fetch: Fetch,
     state: State,
     /// Bytes of a literal still to skip.
     literal: usize,
+    /// Size of the literal being read, when it is a message (`BODY[]` in a FETCH response).
+    message: Option<usize>,
     /// A literal just ended at a line boundary: the next line continues that response.
     continuation: bool,
     exists: Option<u64>,
+    /// Messages received in the FETCH response so far.
+    retrieved: u32,
 }
 
 /// `{N}` (or `{N+}`) at the end of a line: the size of the literal that follows.
@@ -38,15 +48,33 @@ fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
+/// The FETCH command for messages 1..=n (`1` alone for one, as before `--fetch` existed).
+fn fetch_command(n: u32) -> String {
+    if n <= 1 {
+        "a3 FETCH 1 (BODY.PEEK[])\r\n".to_string()
+    } else {
+        format!("a3 FETCH 1:{n} (BODY.PEEK[])\r\n")
+    }
+}
+
 impl Imap {
+    /// One message, no size check (the tests' shorthand).
+    #[cfg(test)]
     pub fn new(user: &str, pass: &str) -> Imap {
+        Imap::with_fetch(user, pass, Fetch::default())
+    }
+
+    pub fn with_fetch(user: &str, pass: &str, fetch: Fetch) -> Imap {
         Imap {
             user: user.into(),
             pass: pass.into(),
+            fetch: Fetch { count: fetch.count.max(1), ..fetch },
             state: State::Greeting,
             literal: 0,
+            message: None,
             continuation: false,
             exists: None,
+            retrieved: 0,
         }
     }
 
@@ -58,6 +86,30 @@ impl Imap {
             State::Logout => "a4",
             State::Greeting | State::Done => "",
         }
+    }
+
+    /// `line` (a response line, or what follows a literal on it) announces a literal of `n`
+    /// bytes; a `{0}` one ends at once.
+    fn start_literal(&mut self, line: &[u8], n: usize, step: &mut Step) -> Result<(), ProtoError> {
+        let is_message = self.state == State::Fetch && line.windows(5).any(|w| w.eq_ignore_ascii_case(b"BODY["));
+        self.message = is_message.then_some(n);
+        self.literal = n;
+        if n == 0 {
+            self.continuation = true;
+            self.literal_done(step)?;
+        }
+        Ok(())
+    }
+
+    /// The current literal has been read in full.
+    fn literal_done(&mut self, step: &mut Step) -> Result<(), ProtoError> {
+        if let Some(n) = self.message.take() {
+            self.retrieved += 1;
+            let bytes = n as u64;
+            self.fetch.check_size(&format!("FETCH message {}", self.retrieved), bytes)?;
+            step.events.push(Event::Retrieved { bytes });
+        }
+        Ok(())
     }
 
     /// A complete (literal-free) response line.
@@ -104,18 +156,31 @@ impl Imap {
                 Step::send(&b"a2 SELECT INBOX\r\n"[..])
             }
             State::Select => {
-                if self.exists.unwrap_or(0) == 0 {
+                let exists = self.exists.unwrap_or(0);
+                if exists == 0 {
                     return Err(ProtoError::new(
                         ErrorKind::Protocol,
                         "mailbox is empty (seed it)",
                     ));
                 }
+                if exists < u64::from(self.fetch.count) {
+                    return Err(ProtoError::new(
+                        ErrorKind::Protocol,
+                        format!("mailbox holds {exists} messages, {} to fetch", self.fetch.count),
+                    ));
+                }
                 self.state = State::Fetch;
-                Step::send(&b"a3 FETCH 1 (BODY.PEEK[])\r\n"[..])
+                Step::send(fetch_command(self.fetch.count))
             }
             State::Fetch => {
+                if self.retrieved != self.fetch.count {
+                    return Err(ProtoError::new(
+                        ErrorKind::Protocol,
+                        format!("FETCH ended after {} of {} messages", self.retrieved, self.fetch.count),
+                    ));
+                }
                 self.state = State::Logout;
-                Step::send(&b"a4 LOGOUT\r\n"[..]).event(Event::Retrieved)
+                Step::send(&b"a4 LOGOUT\r\n"[..])
             }
             State::Logout => {
                 self.state = State::Done;
@@ -128,28 +193,35 @@ impl Imap {
 
 impl Dialogue for Imap {
     fn feed(&mut self, line: &[u8]) -> Result<Step, ProtoError> {
-        let mut line = line;
+        let mut step = Step::read_on();
         if self.literal > 0 {
             if line.len() <= self.literal {
                 self.literal -= line.len();
-                self.continuation = self.literal == 0;
-                return Ok(Step::read_on());
+                if self.literal == 0 {
+                    self.continuation = true;
+                    self.literal_done(&mut step)?;
+                }
+                return Ok(step);
             }
-            // The literal ends inside this line; the rest continues the response line.
-            line = &line[self.literal..];
+            // The literal ends inside this line; the rest continues the response line (and
+            // may announce another literal).
+            let rest = &line[self.literal..];
             self.literal = 0;
-            if let Some(n) = literal_size(line) {
-                self.literal = n;
+            self.literal_done(&mut step)?;
+            if let Some(n) = literal_size(rest) {
+                self.start_literal(rest, n, &mut step)?;
             }
-            return Ok(Step::read_on());
+            return Ok(step);
         }
         if std::mem::take(&mut self.continuation) {
-            self.literal = literal_size(line).unwrap_or(0);
-            return Ok(Step::read_on());
+            if let Some(n) = literal_size(line) {
+                self.start_literal(line, n, &mut step)?;
+            }
+            return Ok(step);
         }
         if let Some(n) = literal_size(line) {
-            self.literal = n;
-            return Ok(Step::read_on());
+            self.start_literal(line, n, &mut step)?;
+            return Ok(step);
         }
         self.response(line)
     }
@@ -206,12 +278,15 @@ mod tests {
             Step::read_on()
         );
         assert_eq!(d.feed(b"a3 OK fake\r\n").unwrap(), Step::read_on());
-        assert_eq!(d.feed(b"Body line\r\n").unwrap(), Step::read_on());
+        assert_eq!(
+            d.feed(b"Body line\r\n").unwrap().events,
+            vec![Event::Retrieved { bytes: 23 }]
+        );
         assert_eq!(d.feed(b")\r\n").unwrap(), Step::read_on());
         let s = d.feed(b"a3 OK Fetch completed.\r\n").unwrap();
         assert_eq!(
             (sent(&s).as_str(), s.events.as_slice()),
-            ("a4 LOGOUT\r\n", &[Event::Retrieved][..])
+            ("a4 LOGOUT\r\n", &[][..])
         );
         assert!(d.eof_ok());
         assert_eq!(d.feed(b"* BYE Logging out\r\n").unwrap(), Step::read_on());
@@ -224,9 +299,89 @@ mod tests {
         d.state = State::Fetch;
         // 5-byte literal "abc\r\n" arrives as "abc\r\n" then... here: literal "ab" + ")\r\n".
         d.feed(b"* 1 FETCH (BODY[] {2}\r\n").unwrap();
-        assert_eq!(d.feed(b"ab)\r\n").unwrap(), Step::read_on());
+        assert_eq!(
+            d.feed(b"ab)\r\n").unwrap().events,
+            vec![Event::Retrieved { bytes: 2 }]
+        );
         assert_eq!(d.literal, 0);
         assert_eq!(sent(&d.feed(b"a3 OK done\r\n").unwrap()), "a4 LOGOUT\r\n");
+    }
+
+    /// Feeds the server's lines from the SELECT answer on; returns every event, what was
+    /// sent, and the first error.
+    fn after_select(d: &mut Imap, lines: &[&[u8]]) -> (Vec<Event>, String, Option<ProtoError>) {
+        let (mut events, mut out) = (Vec::new(), String::new());
+        for l in [&b"* OK hi\r\n"[..], b"a1 OK in\r\n"].iter().chain(lines) {
+            match d.feed(l) {
+                Ok(s) => {
+                    events.extend(s.events.iter().copied());
+                    out += &sent(&s);
+                }
+                Err(e) => return (events, out, Some(e)),
+            }
+        }
+        (events, out, None)
+    }
+
+    #[test]
+    fn fetches_n_messages_in_one_command_counting_each_literal() {
+        let mut d = Imap::with_fetch("u", "p", Fetch { count: 3, expect_size: Some(10) });
+        let (events, out, err) = after_select(
+            &mut d,
+            &[
+                b"* 5 EXISTS\r\n",
+                b"a2 OK sel\r\n",
+                // Message 1: a 10-byte literal over two lines, then ")".
+                b"* 1 FETCH (BODY[] {10}\r\n",
+                b"a3 OK\r\n",
+                b"z\r\n",
+                b")\r\n",
+                // Message 2: ends mid-line, the next response item follows on that line.
+                b"* 2 FETCH (BODY[] {10}\r\n",
+                b"0123456789 FLAGS (\\Seen))\r\n",
+                // An unsolicited FETCH without a body is not a message.
+                b"* 4 FETCH (FLAGS (\\Deleted))\r\n",
+                // Message 3: a literal whose content looks like a literal announcement.
+                b"* 3 FETCH (UID 9 BODY[] {10}\r\n",
+                b"* 12 {3}\r\n",
+                b")\r\n",
+                b"a3 OK Fetch completed.\r\n",
+                b"a4 OK bye\r\n",
+            ],
+        );
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(out, "a1 LOGIN \"u\" \"p\"\r\na2 SELECT INBOX\r\na3 FETCH 1:3 (BODY.PEEK[])\r\na4 LOGOUT\r\n");
+        let retrieved: Vec<_> = events.iter().filter(|e| matches!(e, Event::Retrieved { .. })).collect();
+        assert_eq!(retrieved, vec![&Event::Retrieved { bytes: 10 }; 3]);
+        assert_eq!(d.state, State::Done);
+    }
+
+    #[test]
+    fn fetch_errors_fewer_messages_wrong_size_small_mailbox() {
+        // The tagged OK after 1 of 2 messages.
+        let mut d = Imap::with_fetch("u", "p", Fetch { count: 2, expect_size: None });
+        let (_, _, err) = after_select(
+            &mut d,
+            &[b"* 2 EXISTS\r\n", b"a2 OK sel\r\n", b"* 1 FETCH (BODY[] {3}\r\n", b"abc)\r\n", b"a3 OK done\r\n"],
+        );
+        let err = err.expect("an error");
+        assert_eq!(err.kind, ErrorKind::Protocol);
+        assert!(err.detail.contains("after 1 of 2"), "{err}");
+        // A message of the wrong size.
+        let mut d = Imap::with_fetch("u", "p", Fetch { count: 1, expect_size: Some(4) });
+        let (_, _, err) = after_select(&mut d, &[b"* 1 EXISTS\r\n", b"a2 OK sel\r\n", b"* 1 FETCH (BODY[] {3}\r\n", b"abc)\r\n"]);
+        assert!(err.is_some_and(|e| e.detail.contains("FETCH message 1: 3 bytes, expected 4")));
+        // Fewer messages than asked for.
+        let mut d = Imap::with_fetch("u", "p", Fetch { count: 20, expect_size: None });
+        let (_, out, err) = after_select(&mut d, &[b"* 19 EXISTS\r\n", b"a2 OK sel\r\n"]);
+        assert!(err.is_some_and(|e| e.detail.contains("holds 19 messages, 20 to fetch")));
+        assert!(!out.contains("FETCH"));
+        // An empty literal is a message of 0 bytes, and the line after it continues it.
+        let mut d = Imap::with_fetch("u", "p", Fetch { count: 1, expect_size: None });
+        let (events, _, err) =
+            after_select(&mut d, &[b"* 1 EXISTS\r\n", b"a2 OK sel\r\n", b"* 1 FETCH (BODY[] {0}\r\n", b")\r\n", b"a3 OK done\r\n"]);
+        assert!(err.is_none(), "{err:?}");
+        assert!(events.contains(&Event::Retrieved { bytes: 0 }));
     }
 
     #[test]

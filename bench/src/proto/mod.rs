@@ -24,7 +24,8 @@ pub enum ErrorKind {
     Perm5xx,
     /// The server closed the connection before the dialogue ended.
     Closed,
-    /// A reply that does not parse or does not fit the dialogue (also: empty seeded mailbox).
+    /// A reply that does not parse or does not fit the dialogue (also: a seeded mailbox with
+    /// fewer messages than `--fetch`, a message of the wrong size).
     Protocol,
     /// Any other I/O error (address unreachable, too many open files…).
     Io,
@@ -92,6 +93,34 @@ impl ProtoError {
     }
 }
 
+/// What a session retrieves: how many messages, and the size each must have (if known).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetch {
+    /// Messages 1..=count are retrieved, one command each (at least 1).
+    pub count: u32,
+    /// Each message must be exactly this many bytes (as received; CRLFs included).
+    pub expect_size: Option<u64>,
+}
+
+impl Default for Fetch {
+    fn default() -> Self {
+        Fetch { count: 1, expect_size: None }
+    }
+}
+
+impl Fetch {
+    /// Checks one retrieved message's size against the expected one.
+    pub fn check_size(&self, which: &str, got: u64) -> Result<(), ProtoError> {
+        match self.expect_size {
+            Some(want) if want != got => Err(ProtoError::new(
+                ErrorKind::Protocol,
+                format!("{which}: {got} bytes, expected {want}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Something that happened in the dialogue that the session code timestamps or counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -100,8 +129,10 @@ pub enum Event {
     /// The end-of-DATA reply (250) arrived: one message accepted. Its latency runs from the
     /// end of the write that carried the message's final `.`.
     DataAck,
-    /// One message retrieved (POP3 RETR, IMAP FETCH).
-    Retrieved,
+    /// One message retrieved (POP3 RETR, IMAP FETCH), `bytes` long as the client received it
+    /// (POP3: dot-unstuffed, CRLFs included; IMAP: the literal), so a run can show it moved
+    /// the bytes it claims to have moved.
+    Retrieved { bytes: u64 },
 }
 
 /// What to do after a line: bytes to send (maybe none, then read on), events, whether the

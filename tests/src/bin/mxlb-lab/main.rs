@@ -14,6 +14,7 @@ use lab::{
 mod bench_failover;
 mod bench_health;
 mod bench_l4;
+mod bench_proxy;
 mod bench_relay;
 mod bench_xdp;
 
@@ -100,7 +101,7 @@ fn machine() -> String {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS] [--ha]\n       mxlb-lab bench xdp|health|failover|l4|relay"
+        "usage: mxlb-lab run [--mode dsr-l2|dsr-ipip] [--sessions N] [--for SECONDS] [--ha]\n       mxlb-lab bench xdp|health|failover|l4|relay|proxy"
     );
     std::process::exit(2)
 }
@@ -115,7 +116,8 @@ fn main() {
             Some("failover") => bench_failover::run(),
             Some("l4") => bench_l4::run(),
             Some("relay") => bench_relay::run(),
-            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp, health, failover, l4, relay)")),
+            Some("proxy") => bench_proxy::run(),
+            Some(other) => Err(anyhow::anyhow!("unknown benchmark `{other}` (available: xdp, health, failover, l4, relay, proxy)")),
             None => usage(),
         },
         _ => usage(),
