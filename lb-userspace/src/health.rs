@@ -568,14 +568,13 @@ pub async fn probe(
     let start = Instant::now();
     // A timeout too large to add (Duration::MAX) means "no practical bound", not a panic.
     let deadline = start.checked_add(timeout).unwrap_or_else(|| start + Duration::from_secs(365 * 86400));
-    let stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+    let mut stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
         Err(_) => return Err(ProbeError::Timeout { stage: Stage::Connect }),
         Ok(Err(e)) => return Err(ProbeError::Connect(e)),
         Ok(Ok(s)) => s,
     };
     // Commands are single small writes; do not let Nagle hold one back behind the last.
     let _ = stream.set_nodelay(true);
-    let mut stream = stream;
     if !preamble.is_empty() {
         match timeout_at(deadline, stream.write_all(preamble)).await {
             Err(_) => return Err(ProbeError::Timeout { stage: Stage::Connect }),

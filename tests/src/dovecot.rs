@@ -194,13 +194,22 @@ pub fn test_message(n: usize, size: usize) -> Vec<u8> {
     m
 }
 
-/// `Login: user=<NAME>` lines of a Dovecot log (POP3 and IMAP), counted by user: which users
-/// logged in on a back-end, whatever the client's address.
+/// The successful logins of a Dovecot log (POP3 and IMAP `Login: user=<NAME>, ... rip=IP, ...`
+/// lines): the user and the client address Dovecot saw (`None` when the line has no `rip=`).
+pub fn logins(log: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
+    log.lines().filter_map(|line| {
+        let (_, rest) = line.split_once("Login: user=<")?;
+        let (user, fields) = rest.split_once('>')?;
+        let rip = fields.split_once("rip=").map(|(_, r)| r.split(',').next().unwrap_or(r).trim());
+        Some((user, rip))
+    })
+}
+
+/// [`logins`] counted by user: which users logged in on a back-end, whatever the client's
+/// address.
 pub fn count_logins(log: &str) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
-    for line in log.lines() {
-        let Some((_, rest)) = line.split_once("Login: user=<") else { continue };
-        let Some((user, _)) = rest.split_once('>') else { continue };
+    for (user, _) in logins(log) {
         *counts.entry(user.to_string()).or_insert(0) += 1;
     }
     counts
@@ -265,5 +274,7 @@ mod bench_helpers_tests {
                    Jun 01 12:00:01 imap-login: Info: Disconnected (auth failed, 1 attempts): user=<carol>\n";
         let c = count_logins(log);
         assert_eq!(c.into_iter().collect::<Vec<_>>(), vec![("alice".to_string(), 2), ("bob pw".to_string(), 1)]);
+        let with_rip: Vec<_> = logins(log).collect();
+        assert_eq!(with_rip, vec![("alice", Some("198.18.0.1")), ("alice", Some("198.18.0.2")), ("bob pw", None)]);
     }
 }

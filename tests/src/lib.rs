@@ -41,3 +41,18 @@ pub mod flood;
 pub mod proxy;
 pub mod relay;
 pub mod vrrp;
+
+/// Polls `f` every 200 ms until it gives `Some` (bounded by `timeout`); the error names `what`.
+/// An error from `f` ends the wait at once.
+pub fn wait_some<T>(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("{what}: not within {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

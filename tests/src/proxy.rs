@@ -206,8 +206,8 @@ impl<'a> ProxyLab<'a> {
 
     /// `Login: user=<user>` lines in back-end `i`'s Dovecot log with `rip=ip`.
     pub fn logins(&self, i: usize, user: &str, ip: IpAddr) -> usize {
-        let (u, r) = (format!("Login: user=<{user}>"), format!("rip={ip},"));
-        self.dovecots[i - 1].log().lines().filter(|l| l.contains(&u) && l.contains(&r)).count()
+        let (log, ip) = (self.dovecots[i - 1].log(), ip.to_string());
+        crate::dovecot::logins(&log).filter(|(u, rip)| *u == user && *rip == Some(ip.as_str())).count()
     }
 }
 
@@ -396,6 +396,20 @@ pub fn inbox(addr: SocketAddr, user: &str, password: &str) -> Result<Vec<Vec<u8>
     let _ = c.imap_literals("d", "LOGOUT");
     ensure!(literals.len() == exists, "{exists} messages, {} literals fetched", literals.len());
     Ok(literals)
+}
+
+/// Waits (bounded) until `user`'s INBOX on back-end `i`, read there directly, holds at least
+/// `n` messages; returns them.
+pub fn wait_inbox(lab: &Lab, i: usize, user: &str, password: &str, n: usize, timeout: Duration) -> Result<Vec<Vec<u8>>> {
+    let b = lab.backend(i);
+    let addr = SocketAddr::new(b.v4().into(), 143);
+    let (user, password) = (user.to_string(), password.to_string());
+    let mut last = Vec::new();
+    let got = crate::wait_some(&format!("{n} message(s) for {user} on b{i}"), timeout, || {
+        last = b.ns().run(|| inbox(addr, &user, &password))??;
+        Ok((last.len() >= n).then(|| last.clone()))
+    });
+    got.with_context(|| format!("{user}'s INBOX on b{i} holds {} message(s)", last.len()))
 }
 
 /// `s` as an IMAP quoted string (backslash and double quote escaped).

@@ -10,14 +10,15 @@
 //! otherwise, fails under CI=true.
 use std::{
     sync::{Mutex, MutexGuard},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, ensure};
 use lab::{
     AddrFamily,
-    proxy::{MailClient, ProxyLab, ProxyOpts, USERS, imap_quoted, inbox, plain},
+    proxy::{MailClient, ProxyLab, ProxyOpts, USERS, imap_quoted, inbox, plain, wait_inbox},
     relay::{DOMAIN, metric, send_all, transport_test_message},
+    wait_some,
 };
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -179,11 +180,8 @@ fn failures_look_alike_and_a_down_owner_means_try_later() -> Result<()> {
     // The prober watches the owners on the ports the proxy logs in to (PROXY v2 listeners,
     // probed with a LOCAL header): the mailbox map learns that carol's owner is down, while
     // alice's, probed as often over the same kind of listener, stays up.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while p.owner_healthy("carol")? {
-        ensure!(Instant::now() < deadline, "carol's owner never went down in the mailbox map\nLB log:\n{}", p.node.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_some("carol's owner going down in the mailbox map", Duration::from_secs(20), || Ok((!p.owner_healthy("carol")?).then_some(())))
+        .with_context(|| format!("LB log:\n{}", p.node.log()))?;
     ensure!(p.owner_healthy("alice")?, "alice's owner was marked down: its probe fails against a healthy Dovecot\n{}", p.node.log());
     Ok(())
 }
@@ -249,34 +247,15 @@ fn message_for(user: &str) -> Vec<u8> {
     transport_test_message(user, &format!("for {user}"), &format!("{user}.proxy@example.com"))
 }
 
-/// Waits (bounded) until `user`'s INBOX on back-end `i`, read there directly, holds one message.
-fn wait_delivered(lab: &lab::Lab, i: usize, user: &str, pw: &str) -> Result<Vec<u8>> {
-    let addr: std::net::SocketAddr = "127.0.0.1:143".parse()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (u, p) = (user.to_string(), pw.to_string());
-        let mut inbox = lab.backend(i).ns().run(move || inbox(addr, &u, &p))??;
-        ensure!(inbox.len() <= 1, "{user} got {} messages on b{i}", inbox.len());
-        if let Some(m) = inbox.pop() {
-            return Ok(m);
-        }
-        ensure!(Instant::now() < deadline, "nothing reached {user} on b{i} within 30 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Waits (bounded) until the node's metrics satisfy `ok` (counters of sessions are updated
 /// as the proxy finishes with them, a moment after the client sees the end).
 fn wait_metrics(p: &ProxyLab, what: &str, ok: impl Fn(&str) -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = p.metrics()?;
-        if ok(&m) {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "{what}; metrics:\n{m}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut last = String::new();
+    let got = wait_some(what, Duration::from_secs(10), || {
+        last = p.metrics()?;
+        Ok(ok(&last).then_some(()))
+    });
+    got.with_context(|| format!("metrics:\n{last}"))
 }
 
 /// `name{labels}` in a metrics text, 0 when absent.
@@ -299,7 +278,9 @@ fn mail_to_port_25_reads_back_through_the_proxy_with_identical_bytes() -> Result
     send_all(&lab, p.vip(AddrFamily::V4, 25), msgs)?;
 
     for (user, pw, i) in &users {
-        let stored = wait_delivered(&lab, *i, user, pw).with_context(|| format!("LB log:\n{}", p.node.log()))?;
+        let mut on_owner = wait_inbox(&lab, *i, user, pw, 1, Duration::from_secs(30)).with_context(|| format!("LB log:\n{}", p.node.log()))?;
+        ensure!(on_owner.len() == 1, "{user} got {} messages on b{i}", on_owner.len());
+        let stored = on_owner.remove(0);
         let sent = [message_for(user), b"\r\n".to_vec()].concat();
         ensure!(stored.ends_with(&sent), "{user}'s message on b{i} does not end with what was sent:\n{}", String::from_utf8_lossy(&stored));
         // Through the proxy: IMAP in clear (kernel-spliced) and POP3 over implicit TLS (copied).
@@ -428,17 +409,14 @@ fn with_imap_id_the_owners_see_the_client_on_their_normal_ports() -> Result<()> 
         }
     }
     // The owners are probed on the same normal ports, without a PROXY header: the probes pass.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = p.metrics()?;
-        let passed = |b: &str, check: &str| counter(&m, &format!("mxlb_probe_duration_seconds_count{{backend=\"{b}\",check=\"{check}\"}}"));
-        let failed: f64 = ["b1", "b2", "b3"].iter().flat_map(|b| ["pop3", "imap"].map(|c| counter(&m, &format!("mxlb_probe_failures_total{{backend=\"{b}\",check=\"{c}\"}}")))).sum();
+    let mut last = String::new();
+    let probed = wait_some("two passed probes of each owner on 110 and 143", Duration::from_secs(20), || {
+        last = p.metrics()?;
+        let m = &last;
+        let passed = |b: &str, check: &str| counter(m, &format!("mxlb_probe_duration_seconds_count{{backend=\"{b}\",check=\"{check}\"}}"));
+        let failed: f64 = ["b1", "b2", "b3"].iter().flat_map(|b| ["pop3", "imap"].map(|c| counter(m, &format!("mxlb_probe_failures_total{{backend=\"{b}\",check=\"{c}\"}}")))).sum();
         ensure!(failed == 0.0, "probes of the owners failed:\n{m}");
-        if ["b1", "b2", "b3"].iter().all(|b| passed(b, "pop3") >= 2.0 && passed(b, "imap") >= 2.0) {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "the owners were not probed on 110/143:\n{m}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    Ok(())
+        Ok(["b1", "b2", "b3"].iter().all(|b| passed(b, "pop3") >= 2.0 && passed(b, "imap") >= 2.0).then_some(()))
+    });
+    probed.with_context(|| format!("metrics:\n{last}"))
 }

@@ -19,7 +19,8 @@ use lab::{
     Lab, SinkOpts, SmtpSink,
     dovecot::Dovecot,
     postfix::PostfixRelay,
-    proxy::inbox,
+    proxy::wait_inbox,
+    wait_some,
     relay::{DumpSinks, RawSmtp, RelayOpts, RelayPair, SmtpReply, relay_lab, send_all, transport_test_message},
 };
 
@@ -49,20 +50,6 @@ fn wait_queue_empty(pair: &RelayPair, timeout: Duration) -> Result<()> {
         }
         if Instant::now() > deadline {
             bail!("still queued after {timeout:?}: {q:#?}\nreplicas on LB 2: {replicas:?}\nLB 1 log:\n{}", pair.lb1.log());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Polls `f` every 200 ms until it gives `Some` (bounded); the error names `what`.
-fn wait_some<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -117,19 +104,6 @@ fn header_fields(msg: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Waits (bounded) until `user`'s INBOX on back-end `i` holds at least `n` messages.
-fn wait_imap(lab: &Lab, i: usize, user: &str, password: &str, n: usize, timeout: Duration) -> Result<Vec<Vec<u8>>> {
-    let b = lab.backend(i);
-    let addr = SocketAddr::new(b.v4().into(), 143);
-    let (user, password) = (user.to_string(), password.to_string());
-    let mut last = Vec::new();
-    let got = wait_some(&format!("{n} message(s) for {user} on b{i}"), timeout, || {
-        last = b.ns().run(|| inbox(addr, &user, &password))??;
-        Ok((last.len() >= n).then(|| last.clone()))
-    });
-    got.with_context(|| format!("{user}'s INBOX on b{i} holds {} message(s)", last.len()))
-}
-
 fn find(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -182,7 +156,7 @@ fn lmtp_to_dovecot_reads_back_identical_over_imap_and_unknown_users_bounce() -> 
     )?;
     eprintln!("accepted: {ids:?}");
 
-    let inbox = wait_imap(&lab, 1, "u1@example.net", "pw1", 2, Duration::from_secs(30))
+    let inbox = wait_inbox(&lab, 1, "u1@example.net", "pw1", 2, Duration::from_secs(30))
         .with_context(|| format!("LB 1 log:\n{}", pair.lb1.log()))?;
     let first = inbox.iter().find(|m| find(m, b"Subject: interop bytes")).context("the byte-test message is not in u1's INBOX")?;
     if !first.ends_with(&expected_tail) {
@@ -208,7 +182,7 @@ fn lmtp_to_dovecot_reads_back_identical_over_imap_and_unknown_users_bounce() -> 
     ensure!(inbox.iter().any(|m| find(m, b"Subject: half deliverable")), "the deliverable half of message 2 did not reach u1");
 
     // The bounce for nobody@example.net comes back to u2 (on b2) from the null sender.
-    let u2 = wait_imap(&lab, 2, "u2@example.net", "pw2", 1, Duration::from_secs(30))
+    let u2 = wait_inbox(&lab, 2, "u2@example.net", "pw2", 1, Duration::from_secs(30))
         .with_context(|| format!("no bounce reached the sender u2@example.net\nLB 1 log:\n{}", pair.lb1.log()))?;
     let dsn = u2
         .iter()
@@ -610,7 +584,7 @@ fn users_added_on_a_back_end_become_deliverable_and_unknown_users_get_550_at_rcp
         vec![("sender@example.com".into(), vec!["carol@example.net".into()], b"Subject: welcome\r\n\r\nhello carol".to_vec())],
     )?;
     ensure!(ids.len() == 1);
-    let got = wait_imap(&lab, 2, "carol@example.net", "pc", 1, Duration::from_secs(20))?;
+    let got = wait_inbox(&lab, 2, "carol@example.net", "pc", 1, Duration::from_secs(20))?;
     ensure!(find(&got[0], b"hello carol"), "{}", String::from_utf8_lossy(&got[0]));
 
     // The listing shows every learned mailbox and both back-ends' lists.
