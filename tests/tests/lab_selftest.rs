@@ -197,6 +197,14 @@ fn topology_is_as_documented() {
     let port = lab.lb_peer_port().unwrap();
     assert!(port.name.len() <= 15 && port.name.starts_with(p));
     assert_eq!(port.ns.link(&port.name).unwrap().mtu, lab::PATH_MTU);
+    // The bridge forwards like a switch: no host iptables on bridged frames (the keys exist
+    // only where the host has br_netfilter loaded, as this kind of machine does).
+    for family in ["iptables", "ip6tables", "arptables"] {
+        let key = format!("net.bridge.bridge-nf-call-{family}");
+        if let Ok(v) = lab.bridge_ns().sysctl_get(&key) {
+            assert_eq!(v, "0", "{key} in the bridge namespace");
+        }
+    }
 
     // Offloads and sysctls.
     let k = lab.client().ns().exec(&["ethtool", "-k", "eth0"]).unwrap();
