@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
 };
 
 use super::login::{LoginRequest, Method, encode_plain};
@@ -112,20 +112,53 @@ async fn send(s: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
     s.write_all(bytes).await.map_err(|e| format!("writing to the back-end: {e}"))
 }
 
-/// Connects to `addr` and replays `req`; bounded by `connect_timeout` and then `timeout`.
-pub async fn login(
-    addr: SocketAddr,
-    protocol: Protocol,
-    pass: PassClient,
-    client: ClientAddrs,
-    req: &LoginRequest,
-    connect_timeout: Duration,
-    timeout: Duration,
-) -> Outcome {
-    let mut stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+/// Where and how to open the connection to the owner.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial {
+    pub addr: SocketAddr,
+    /// Bound on the connect.
+    pub timeout: Duration,
+    /// `TCP_MAXSEG` for the connection (the largest segment the back-end may send us), set
+    /// before the SYN. Used for sessions the kernel will splice; see [`splice_segment_size`].
+    pub max_segment: Option<u32>,
+}
+
+/// The segment size to ask of the back-end for a session that will be spliced to `client`:
+/// the client connection's own MSS.
+///
+/// Why: the kernel relay sends each received skb on *fragment by fragment*
+/// (`__skb_send_sock`: one `sendmsg` per page fragment, without `MSG_MORE`), and each
+/// received segment is one fragment. When the back-end's segments are larger than the
+/// client's MSS (a 1500-byte Internet path, a 9000-byte or just larger back-end network),
+/// every segment goes out to the client as one full segment plus a runt of the difference:
+/// up to twice the packets, the runts nearly empty. Measured with `bench proxy` (back-end
+/// MTU 1600, client 1500): the LB node sent 320 packets per POP3 session and 251 per IMAP
+/// session before, 220 and 190 with the hint. With the back-end held to the client's MSS, each
+/// fragment fits one outgoing segment. The copy path does not need this: it reads many
+/// segments at once and writes them as one.
+pub fn splice_segment_size(client: &TcpStream) -> Option<u32> {
+    socket2::SockRef::from(client).tcp_mss().ok().filter(|m| *m > 0)
+}
+
+pub(super) async fn connect(dial: Dial) -> std::io::Result<TcpStream> {
+    let socket = match dial.addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if let Some(mss) = dial.max_segment {
+        // A hint only: a kernel that refuses it still connects with its own MSS.
+        let _ = socket2::SockRef::from(&socket).set_tcp_mss(mss);
+    }
+    socket.connect(dial.addr).await
+}
+
+/// Connects to the owner and replays `req`; bounded by `dial.timeout` and then `timeout`.
+pub async fn login(dial: Dial, protocol: Protocol, pass: PassClient, client: ClientAddrs, req: &LoginRequest, timeout: Duration) -> Outcome {
+    let addr = dial.addr;
+    let mut stream = match tokio::time::timeout(dial.timeout, connect(dial)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Outcome::Unavailable(format!("connecting to {addr}: {e}")),
-        Err(_) => return Outcome::Unavailable(format!("connecting to {addr}: no answer within {connect_timeout:?}")),
+        Err(_) => return Outcome::Unavailable(format!("connecting to {addr}: no answer within {:?}", dial.timeout)),
     };
     let _ = stream.set_nodelay(true);
     let dialogue = async {

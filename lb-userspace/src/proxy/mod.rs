@@ -364,7 +364,8 @@ impl Proxy {
     }
 
     /// Takes a login to the owner of the mailbox, through the limiter.
-    pub async fn login(&self, req: &LoginRequest, protocol: Protocol, client: ClientAddrs) -> LoginResult {
+    /// `max_segment`: the MSS to ask of the owner ([`backend::Dial::max_segment`]).
+    pub async fn login(&self, req: &LoginRequest, protocol: Protocol, client: ClientAddrs, max_segment: Option<u32>) -> LoginResult {
         let ip = client.peer.ip();
         let temp = |req: &LoginRequest| match protocol {
             Protocol::Pop3 => pop3::TEMP_FAILURE.to_vec(),
@@ -400,9 +401,9 @@ impl Proxy {
             Protocol::Pop3 => self.settings.backend_pop3_port,
             Protocol::Imap => self.settings.backend_imap_port,
         };
-        let addr = SocketAddr::new(owner.address, port);
         let s = &self.settings;
-        match backend::login(addr, protocol, s.pass_client, client, req, s.connect_timeout, s.backend_timeout).await {
+        let dial = backend::Dial { addr: SocketAddr::new(owner.address, port), timeout: s.connect_timeout, max_segment };
+        match backend::login(dial, protocol, s.pass_client, client, req, s.backend_timeout).await {
             Outcome::LoggedIn { stream, reply, leftover } => {
                 self.counters.logins_ok.fetch_add(1, Ordering::Relaxed);
                 info!(user = %user, backend = %owner.backend, client = %client.peer, "logged in");

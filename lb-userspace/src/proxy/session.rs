@@ -146,7 +146,7 @@ pub(super) async fn serve(proxy: Arc<Proxy>, stream: TcpStream, client: ClientAd
                     };
                     pending.extend(dialogue.tls_started());
                 }
-                Action::Login(req) => match proxy.login(&req, service.protocol, client).await {
+                Action::Login(req) => match proxy.login(&req, service.protocol, client, spliced_mss(&stream, &proxy)).await {
                     LoginResult::Answer { reply, delay } => {
                         if !delay.is_zero() {
                             tokio::time::sleep(delay).await;
@@ -193,6 +193,16 @@ pub(super) async fn serve(proxy: Arc<Proxy>, stream: TcpStream, client: ClientAd
             Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(n)) => pending.extend(dialogue.feed(&chunk[..n])),
         }
+    }
+}
+
+/// For a session the kernel will splice (plaintext client, sockmap relaying), the client
+/// connection's MSS, which the back-end connection then asks for
+/// ([`super::backend::splice_segment_size`]).
+fn spliced_mss(stream: &ClientStream, proxy: &Proxy) -> Option<u32> {
+    match (stream, proxy.splicer()) {
+        (ClientStream::Plain(tcp), Some(_)) => super::backend::splice_segment_size(tcp),
+        _ => None,
     }
 }
 

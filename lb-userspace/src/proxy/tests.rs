@@ -254,3 +254,33 @@ async fn session_limits_and_the_login_timeout() {
     assert_eq!(first.line().await.as_deref(), Some("-ERR Disconnected for inactivity."));
     assert_eq!(first.line().await, None);
 }
+
+/// A session that will be spliced asks the owner for the client's segment size, so each
+/// segment the owner sends fits one segment to the client (no runts; see
+/// `backend::splice_segment_size`). Loopback's own MSS is about 65 000: without the hint the
+/// back-end connection would keep it.
+#[tokio::test]
+async fn the_backend_connection_of_a_spliced_session_takes_the_clients_segment_size() {
+    use socket2::SockRef;
+    let front = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
+    let owner = TcpListener::bind("127.0.0.1:0").await.expect("bind owner");
+    // A client on a small-MTU path: it advertises an MSS of 1200.
+    let client = tokio::net::TcpSocket::new_v4().expect("socket");
+    SockRef::from(&client).set_tcp_mss(1200).expect("TCP_MAXSEG");
+    let (client, accepted) = tokio::join!(client.connect(front.local_addr().expect("addr")), front.accept());
+    let (_client, (from_client, _)) = (client.expect("connect"), accepted.expect("accept"));
+    let mss = backend::splice_segment_size(&from_client).expect("the client connection's MSS");
+    assert!(mss <= 1200, "client-side MSS {mss}");
+
+    let owner_addr = owner.local_addr().expect("addr");
+    let dial = |max_segment| backend::Dial { addr: owner_addr, timeout: Duration::from_secs(2), max_segment };
+    let (to_owner, accepted) = tokio::join!(backend::connect(dial(Some(mss))), owner.accept());
+    let (_to_owner, (at_owner, _)) = (to_owner.expect("connect"), accepted.expect("accept"));
+    let owner_mss = SockRef::from(&at_owner).tcp_mss().expect("owner's MSS");
+    assert!(owner_mss <= mss, "the owner may send segments of {owner_mss} bytes, the client takes {mss}");
+
+    // Without the hint (copied sessions), the connection keeps the path's own MSS.
+    let (plain, accepted) = tokio::join!(backend::connect(dial(None)), owner.accept());
+    let (_plain, (at_owner, _)) = (plain.expect("connect"), accepted.expect("accept"));
+    assert!(SockRef::from(&at_owner).tcp_mss().expect("MSS") > 1200);
+}
