@@ -23,7 +23,7 @@ pub use lab::smtp::{
 };
 pub use lab::topology::{
     AddrFamily, CLIENT_MTU, HOST_DEV, Host, Lab, LabBuilder, MAX_BACKENDS, MAX_LBS, PATH_MTU,
-    PeerPort, Role, VIP4, VIP6,
+    OWNERS_DIR, PeerPort, Role, VIP4, VIP6, sweep_dead_labs,
 };
 pub mod capture;
 pub mod cpu;

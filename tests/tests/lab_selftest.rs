@@ -891,3 +891,59 @@ fn a_helper_link_left_by_a_vanished_interface_is_replaced() -> anyhow::Result<()
     assert!(ns.ip(&["-d", "link", "show", "dev", "stale0"])?.contains("xdp"), "the new interface has the decap program");
     Ok(())
 }
+
+/// A lab whose run was killed (no drop guard could run) is removed when the next lab starts:
+/// its processes are killed and its namespaces deleted. A lab whose owner is alive is not.
+#[test]
+fn a_killed_runs_lab_is_swept_by_the_next_lab() -> anyhow::Result<()> {
+    if !lab::require_root("a_killed_runs_lab_is_swept_by_the_next_lab") {
+        return Ok(());
+    }
+    // A pid that is gone: a child that has exited and been reaped.
+    let mut gone = std::process::Command::new("true").spawn()?;
+    let dead_pid = gone.id();
+    gone.wait()?;
+    let free_prefix = |seed: u32| {
+        (0..64u32)
+            .map(|i| format!("mx{:05x}", (seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) & 0xF_FFFF))
+            .find(|p| lab::namespaces_with_prefix(p).is_empty() && !std::path::Path::new(lab::OWNERS_DIR).join(p).exists())
+            .expect("a free prefix")
+    };
+    let dead = free_prefix(dead_pid);
+    let live = free_prefix(dead_pid ^ 0x5A5A5);
+    std::fs::create_dir_all(lab::OWNERS_DIR)?;
+    let ns = |prefix: &str| format!("{prefix}-b1");
+    for (prefix, owner) in [(&dead, dead_pid), (&live, std::process::id())] {
+        lab::run_checked(std::process::Command::new("ip").args(["netns", "add", &ns(prefix)]), lab::CMD_TIMEOUT)?;
+        std::fs::write(std::path::Path::new(lab::OWNERS_DIR).join(prefix), owner.to_string())?;
+    }
+    // Removes the live one (and the dead one if the sweep failed) however the test ends.
+    struct Cleanup(Vec<String>, Option<std::process::Child>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(c) = &mut self.1 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            for p in &self.0 {
+                let _ = lab::run_bounded(std::process::Command::new("ip").args(["netns", "del", &format!("{p}-b1")]), lab::CMD_TIMEOUT);
+                let _ = std::fs::remove_file(std::path::Path::new(lab::OWNERS_DIR).join(p));
+            }
+        }
+    }
+    let mut cleanup = Cleanup(vec![dead.clone(), live.clone()], None);
+    // A daemon the killed run left running inside its namespace.
+    let leftover = cleanup.1.insert(std::process::Command::new("ip").args(["netns", "exec", &ns(&dead), "sleep", "300"]).spawn()?);
+
+    let _lab = Lab::builder().backends(1).no_sinks().build()?;
+
+    assert!(lab::namespaces_with_prefix(&dead).is_empty(), "the dead run's namespace is still there");
+    assert!(!std::path::Path::new(lab::OWNERS_DIR).join(&dead).exists(), "the dead run's owner file is still there");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while leftover.try_wait()?.is_none() {
+        assert!(std::time::Instant::now() < deadline, "the dead run's daemon is still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(lab::namespaces_with_prefix(&live), vec![ns(&live)], "a live run's lab was touched");
+    Ok(())
+}

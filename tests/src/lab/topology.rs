@@ -48,6 +48,9 @@
 //!   `mx` + 5 hex digits, unique per lab (pid, time, counter), so parallel labs and parallel
 //!   test runs never collide; the `eth0` inside each host namespace is created directly there
 //!   (never in the root namespace), so it cannot collide either.
+//! * **Owners**: each lab writes its builder's pid to `/run/mxlb-lab/{prefix}`. Every new lab
+//!   first removes the labs whose owner process is gone (a run killed before its drop guards
+//!   could run): [`sweep_dead_labs`].
 
 use crate::lab::cmd::Daemon;
 use crate::lab::netns::{self, LinkInfo, Netns, mac_to_string};
@@ -380,12 +383,16 @@ impl LabBuilder {
             "lbs must be 1..={MAX_LBS}, got {}",
             self.lbs
         );
+        for dead in sweep_dead_labs() {
+            eprintln!("lab: removed lab {dead}, left behind by a run that no longer exists");
+        }
         let prefix = new_prefix();
         // Leftovers with this prefix can only come from an earlier run that crashed with the
         // same pid and clock value; other runs' namespaces are never touched.
         for stale in netns::namespaces_with_prefix(&prefix) {
             netns::delete(&stale);
         }
+        let marker = OwnerMarker::write(&prefix);
         let mut lab = Lab {
             daemons: Vec::new(),
             sinks: Vec::new(),
@@ -397,6 +404,7 @@ impl LabBuilder {
             prefix,
             vip_by_arp: self.vip_by_arp,
             decap_users: Mutex::new(0),
+            _marker: marker,
         };
         // On any error below, dropping `lab` removes what was created so far.
         lab.create(self.backends, self.lbs)
@@ -429,6 +437,65 @@ fn new_prefix() -> String {
     format!("mx{:05x}", x & 0xF_FFFF)
 }
 
+/// Where every live lab records who owns it: `{OWNERS_DIR}/{prefix}` holds the pid of the
+/// process that built it. Only a marker lets [`sweep_dead_labs`] know a lab's namespaces
+/// (the bridge namespace never holds a process, so "no process inside" proves nothing).
+pub const OWNERS_DIR: &str = "/run/mxlb-lab";
+
+/// The owner file of one lab, removed when the lab is dropped.
+struct OwnerMarker(Option<std::path::PathBuf>);
+
+impl OwnerMarker {
+    /// Best effort: without the file the lab still works, it just cannot be swept if killed.
+    fn write(prefix: &str) -> OwnerMarker {
+        let path = std::path::Path::new(OWNERS_DIR).join(prefix);
+        let ok = std::fs::create_dir_all(OWNERS_DIR).and_then(|()| std::fs::write(&path, std::process::id().to_string()));
+        OwnerMarker(ok.is_ok().then_some(path))
+    }
+}
+
+impl Drop for OwnerMarker {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Removes the labs of runs that died without cleaning up (SIGKILL, a CI timeout, a killed
+/// session): labs whose owner file names a process that no longer exists. Their processes
+/// are killed and their namespaces deleted; returns their prefixes. Drop guards cannot run in
+/// a killed process, and its leftovers (daemons bound to lab addresses, namespaces, pinned
+/// links keyed by namespace) would otherwise stay until reboot. Namespaces without an owner
+/// file (another tool's, or a lab of an older version) are never touched, and neither is a
+/// lab whose owner pid has been reused by a live process.
+pub fn sweep_dead_labs() -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(OWNERS_DIR) else {
+        return Vec::new();
+    };
+    let mut swept = Vec::new();
+    for entry in rd.flatten() {
+        let Ok(prefix) = entry.file_name().into_string() else { continue };
+        let is_lab_prefix = prefix.len() == 7 && prefix.starts_with("mx") && prefix[2..].chars().all(|c| c.is_ascii_hexdigit());
+        let Some(pid) = std::fs::read_to_string(entry.path()).ok().and_then(|t| t.trim().parse::<u32>().ok()) else { continue };
+        if !is_lab_prefix || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        for name in netns::namespaces_with_prefix(&format!("{prefix}-")) {
+            if let Ok(pids) = netns::run_ip(&["netns", "pids", &name]) {
+                for p in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    // SAFETY: kill(2) with a pid read from `ip netns pids`; no memory involved.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+            netns::delete(&name);
+        }
+        let _ = std::fs::remove_file(entry.path());
+        swept.push(prefix);
+    }
+    swept
+}
+
 /// Namespaces created by a lab, deleted on drop.
 struct Owned(Vec<String>);
 
@@ -457,6 +524,8 @@ pub struct Lab {
     /// How many [`MxlbNode`](crate::node::MxlbNode)s currently need the decap helper on the
     /// back-ends (it is per back-end, not per LB: the first attaches, the last detaches).
     decap_users: Mutex<usize>,
+    /// Dropped last: the namespaces are gone by then.
+    _marker: OwnerMarker,
 }
 
 impl Lab {
